@@ -1,0 +1,14 @@
+"""Ember: an O(V + D)-state optimizer for token tables, integrated with DeepSpeed ZeRO and
+megatron-core vocab parallelism.
+
+    from ember_ds import Ember
+    opt = Ember(model, lr=1e-3)            # tables -> Ember, the rest -> AdamW
+
+Importing the package registers ``"optimizer": {"type": "Ember"}`` with DeepSpeed
+(``ember_ds.register_deepspeed()`` does the same explicitly).
+"""
+from .tables import (TableMeta, is_token_table, mark_not_token_table, mark_token_table,
+                     tag_module_tables)
+
+__all__ = ["TableMeta", "is_token_table", "mark_not_token_table", "mark_token_table",
+           "tag_module_tables"]
