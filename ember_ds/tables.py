@@ -36,7 +36,7 @@ def mark_token_table(param: torch.Tensor, *, global_rows: Optional[int] = None,
     splits the rows). A megatron-core parameter tagged ``tensor_model_parallel`` with
     ``partition_dim == 0`` gets these from parallel_state when they are left out.
     """
-    if param.dim() != 2 and _shape(param).__len__() != 2:
+    if len(_shape(param)) != 2:
         raise ValueError(f"a token table must be 2-D (rows = tokens), got shape {tuple(_shape(param))}"
                          + (f" for {name}" if name else ""))
     groups = [] if row_group is None else (list(row_group) if isinstance(row_group, (list, tuple))
