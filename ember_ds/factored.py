@@ -1,0 +1,62 @@
+"""Ember's two passes over a block of one token table, in row chunks.
+
+A *piece* is a contiguous [rows, cols] view of a table's gradient (and of its weights): a whole
+table, the whole-row block of a ZeRO partition, or one partial row cut at a partition edge.
+Pass 1 (statistics) reads G once: per-row and per-column sums of G*G. Pass 2 (update) reads G
+and W and writes W: W <- W*decay - lr*G / (a_i*b_j + eps), where a_i*b_j = sqrt(vhat_ij)
+because vhat is rank-1. Work goes in row chunks so no fp32 temporary larger than
+``CHUNK_ELEMS`` (or 1/16 of the piece) is ever built, and every reduction is a contiguous
+torch reduction in a fixed order, so runs are bitwise reproducible. On CUDA the fused Triton
+kernels in ``ember_ds.triton_kernels`` do the same without temporaries.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMS = 1 << 20  # at most 4 MiB of fp32 temporaries per chunk
+
+
+def _chunk_rows(rows: int, cols: int) -> int:
+    budget = min(CHUNK_ELEMS, max(cols, (rows * cols) // 16))
+    return max(1, budget // max(cols, 1))
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    from . import triton_kernels
+    return triton_kernels.available()
+
+
+def piece_stats(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor) -> None:
+    """Add sum_j g_ij^2 into ``rowsum`` [rows] and sum_i g_ij^2 into ``colsum`` [cols] (fp32)."""
+    if g.numel() == 0:
+        return
+    if _use_triton(g):
+        from .triton_kernels import piece_stats_triton
+        return piece_stats_triton(g, rowsum, colsum)
+    step = _chunk_rows(*g.shape)
+    for r0 in range(0, g.shape[0], step):
+        q = g[r0:r0 + step].float().square()
+        rowsum[r0:r0 + step] += q.sum(dim=1)
+        colsum += q.sum(dim=0)
+
+
+def piece_update(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 lr: float, eps: float, decay: float) -> None:
+    """w <- w*decay - lr * g / (a_i*b_j + eps), in place; a [rows], b [cols] fp32."""
+    if g.numel() == 0:
+        return
+    if _use_triton(g):
+        from .triton_kernels import piece_update_triton
+        return piece_update_triton(w, g, a, b, lr, eps, decay)
+    step = _chunk_rows(*g.shape)
+    for r0 in range(0, g.shape[0], step):
+        wc, gc = w[r0:r0 + step], g[r0:r0 + step]
+        denom = torch.outer(a[r0:r0 + step], b).add_(eps)
+        if decay != 1.0:
+            wc.mul_(decay)
+        if wc.dtype == torch.float32 and gc.dtype == torch.float32:
+            wc.addcdiv_(gc, denom, value=-lr)
+        else:  # low-precision weights: compute in fp32, round once
+            wc.copy_(wc.float().addcdiv_(gc.float(), denom, value=-lr))

@@ -1,0 +1,437 @@
+"""Ember: a factored second-moment optimizer for token tables, with a body optimizer inside.
+
+For a table W (V rows = tokens, D columns) with gradient G, Ember keeps r (V), c (D), s (1) and
+a step count, all fp32 (see ../shared/spec/ember.md):
+
+    q = G*G;  r <- b2 r + (1-b2) rowmean(q);  c <- b2 c + (1-b2) colsum(q)/V
+    s <- b2 s + (1-b2) sum(q)/(V D);  vhat_ij = r_i c_j / (s (1 - b2^t))
+    W <- W (1 - lr wd) - lr G / (sqrt(vhat) + eps)
+
+Design decisions:
+- One optimizer object for the whole model. Tables go to Ember groups, everything else to body
+  groups stepped by an ordinary torch optimizer (AdamW by default) that shares Ember's group
+  dicts and state dict. DeepSpeed sees one basic optimizer, flattens each group on its own
+  (so a partition never mixes tables and body), and checkpoints both states through
+  Ember.state_dict().
+- The step never needs a whole table: it works on *pieces* (contiguous [rows, cols] blocks) of
+  whatever tensor it is handed (a table, or a ZeRO partition mapped back to tables by
+  ember_ds.layout), forms partial row/column sums, all-reduces them over the group that
+  partitions the table and over every group that splits its rows (tensor parallelism), and
+  updates its own elements. The state stays replicated and identical on every rank.
+- A tensor Ember cannot map back to (table, row, column) is an error: never a silent fallback
+  to an unfactored update.
+- State is fp32 and stays fp32 through load_state_dict (torch casts optimizer state to the
+  parameter dtype; Ember keeps its table state out of torch's path).
+- A non-finite gradient anywhere in a table (detected after the reductions, so every rank
+  agrees) skips that table's step: weights and state untouched, counted in
+  ``nonfinite_skips``, with a warning; ``nonfinite="raise"`` raises instead.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .comm import StatComm
+from .factored import piece_stats, piece_update
+from .layout import Unit, pieces, units_from_wrapper, whole_unit
+from .tables import _shape, is_token_table, mark_token_table, table_meta, tag_module_tables
+
+NORMALIZATIONS = ("rows", "active_rows")
+
+# Set while DeepSpeed builds its optimizer wrapper: some wrappers (stage 0 + bf16) call step()
+# once with zero gradients to create state; Ember ignores those calls (state is created lazily,
+# and the call would count a step and apply weight decay).
+_WRAPPER_INIT_DEPTH = [0]
+
+
+class Ember(torch.optim.Optimizer):
+    """Ember on the token tables, ``body_optimizer`` (AdamW) on every other parameter.
+
+    ``params``: an nn.Module (its nn.Embedding / VocabParallelEmbedding weights and tagged
+    parameters are tables), an iterable of tensors (tagged ones are tables), or param groups
+    (a group with ``"token_table": True`` holds tables only).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8,
+                 weight_decay: float = 0.0, normalize: str = "rows", *,
+                 body_optimizer="AdamW", body_lr: Optional[float] = None,
+                 body_betas=(0.9, 0.999), body_eps: float = 1e-8,
+                 body_weight_decay: float = 0.01, body_kwargs: Optional[dict] = None,
+                 nonfinite: str = "skip", dedicated_comm: bool = True):
+        if not lr >= 0.0:
+            raise ValueError(f"Ember: invalid lr {lr}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Ember: beta2 must be in [0, 1), got {beta2}")
+        if not eps >= 0.0:
+            raise ValueError(f"Ember: invalid eps {eps}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"Ember: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"Ember: nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if isinstance(params, nn.Module):
+            tag_module_tables(params)
+            params = list(params.parameters())
+        table_groups, body_groups = _split_groups(params)
+        if not table_groups and not body_groups:
+            raise ValueError("Ember got an empty parameter list")
+
+        self._tables: list = []          # original table Parameters, in group order
+        self._table_index: dict = {}     # id(param) -> table index
+        for g in table_groups:
+            for p in g["params"]:
+                self._register_table(p)
+
+        self._body = None
+        if body_groups:
+            self._body = _make_body_optimizer(body_optimizer, body_groups, dict(
+                lr=lr if body_lr is None else body_lr, betas=tuple(body_betas), eps=body_eps,
+                weight_decay=body_weight_decay), body_kwargs or {})
+        defaults = dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        normalize=normalize, token_table=False)
+        super().__init__(table_groups + body_groups, defaults)
+        if self._body is not None:
+            if not all(any(g is h for h in self.param_groups) for g in self._body.param_groups):
+                raise RuntimeError("Ember: body optimizer does not share its param groups")
+            self._body.state = self.state
+        self.nonfinite = nonfinite
+        self._comm = StatComm(dedicated_comm)
+        self._comm_ready = False
+        self._units: dict = {}           # id(stepped tensor) -> (tensor, Unit)
+        self._table_state: dict = {}     # table index -> dict(r, c, s, step, nonfinite_skips)
+
+    # ----------------------------------------------------------------- tables
+    def _register_table(self, p: torch.Tensor) -> None:
+        if id(p) in self._table_index:
+            return
+        shape = _shape(p)
+        if len(shape) != 2:
+            raise ValueError(f"Ember: a token table must be 2-D (rows = tokens), got shape "
+                             f"{tuple(shape)}")
+        if not (p.dtype.is_floating_point):
+            raise ValueError(f"Ember: token table of dtype {p.dtype} cannot be factored")
+        if not is_token_table(p):
+            mark_token_table(p)
+        self._table_index[id(p)] = len(self._tables)
+        self._tables.append(p)
+
+    def _table_info(self, t: int):
+        p = self._tables[t]
+        rows, cols = _shape(p)
+        meta = table_meta(p)
+        global_rows = meta.global_rows if meta.global_rows is not None else rows
+        return rows, cols, global_rows, meta
+
+    @property
+    def token_tables(self) -> list:
+        """The original table Parameters Ember updates (each once)."""
+        return list(self._tables)
+
+    def table_state(self, index: int = 0) -> dict:
+        """The fp32 state of table ``index``: r (rows), c (cols), s, step, nonfinite_skips."""
+        return self._table_state.get(index, {})
+
+    # ------------------------------------------------------------- DeepSpeed
+    def attach_deepspeed(self, wrapper) -> None:
+        """Learn how ``wrapper`` (DeepSpeed's engine.optimizer) lays the tables out in the
+        tensors it will hand to step(). Called by ember_ds.deepspeed_integration after the
+        engine builds its optimizer; a no-op when the wrapper is Ember itself."""
+        self._units = {}
+        if wrapper is self:
+            return
+        table_of = self._table_index.get
+        found = units_from_wrapper(wrapper, lambda p: table_of(id(p)))
+        tensors = {id(t): t for g in self.param_groups for t in g["params"]}
+        tensors.update(_wrapper_tensors(wrapper))
+        for key, unit in found.items():
+            if key not in tensors:
+                raise RuntimeError("Ember: DeepSpeed partition tensor not found in its groups")
+            self._units[key] = (tensors[key], unit)
+        self._comm_ready = False
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if _WRAPPER_INIT_DEPTH[0]:
+            return loss
+        groups = self.param_groups
+        table_groups = [g for g in groups if g.get("token_table")]
+        if table_groups:
+            self._step_tables(table_groups)
+        body_groups = [g for g in groups if not g.get("token_table") and g["params"]]
+        if body_groups:
+            if self._body is None:
+                raise RuntimeError("Ember: body parameters appeared in a group Ember did not "
+                                   "create")
+            self._body.state = self.state
+            saved = self._body.param_groups
+            self._body.param_groups = body_groups
+            try:
+                self._body.step()
+            finally:
+                self._body.param_groups = saved
+        return loss
+
+    def _unit_for(self, group: dict, k: int, tensor: torch.Tensor) -> Unit:
+        entry = self._units.get(id(tensor))
+        if entry is not None and entry[0] is tensor:
+            return entry[1]
+        t = self._table_index.get(id(tensor))
+        if t is not None:
+            return whole_unit(t, tensor)
+        raise RuntimeError(
+            f"Ember was handed a tensor of shape {tuple(tensor.shape)} in a token-table group "
+            "that it cannot map back to table rows and columns (an optimizer wrapper it does "
+            "not know, or a DeepSpeed engine built without importing ember_ds first). Ember "
+            "refuses to fall back to an unfactored update.")
+
+    def _prepare_comm(self, units) -> None:
+        groups = [u.group for _, u in self._units.values()] + [u.group for _, u in units]
+        for t in range(len(self._tables)):
+            groups += self._table_info(t)[3].row_groups
+        self._comm.prepare(groups)
+        self._comm_ready = True
+
+    def _state(self, t: int, rows: int, cols: int, device) -> dict:
+        st = self._table_state.get(t)
+        if st is None:
+            st = dict(r=torch.zeros(rows, dtype=torch.float32, device=device),
+                      c=torch.zeros(cols, dtype=torch.float32, device=device),
+                      s=torch.zeros(1, dtype=torch.float32, device=device),
+                      step=0, nonfinite_skips=0)
+            self._table_state[t] = st
+        elif st["r"].device != torch.device(device):
+            for key in ("r", "c", "s"):
+                st[key] = st[key].to(device)
+        return st
+
+    def _step_tables(self, groups) -> None:
+        work = []  # (group, tensor, unit)
+        for g in groups:
+            for k, tensor in enumerate(g["params"]):
+                unit = self._unit_for(g, k, tensor)
+                if tensor.grad is None:
+                    if unit.group is not None:
+                        raise RuntimeError("Ember: a partitioned token-table tensor has no "
+                                           "gradient")
+                    continue
+                if tensor.grad.is_sparse:
+                    raise RuntimeError("Ember: sparse gradients are not supported; build the "
+                                       "embedding with sparse=False")
+                work.append((g, tensor, unit))
+        if not work:
+            return
+        if not self._comm_ready:
+            self._prepare_comm([(None, u) for _, _, u in work])
+
+        # Pass 1: partial statistics of this rank's elements, reduced over the partitioning
+        # group (one buffer per stepped tensor: rows + cols floats per table).
+        stats = {}  # table -> (rowsum, colsum)
+        for g, tensor, unit in work:
+            sizes = [self._table_info(t)[:2] for t in unit.tables]
+            buf = torch.zeros(sum(r + c for r, c in sizes), dtype=torch.float32,
+                              device=tensor.device)
+            views, off = {}, 0
+            for t, (rows, cols) in zip(unit.tables, sizes):
+                views[t] = (buf[off:off + rows], buf[off + rows:off + rows + cols])
+                off += rows + cols
+            grad = tensor.grad.reshape(-1)
+            for seg in unit.segments:
+                cols = self._table_info(seg.table)[1]
+                rowsum, colsum = views[seg.table]
+                for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
+                    a = seg.start_in_tensor + o
+                    gv = grad[a:a + nrows * ncols].view(nrows, ncols)
+                    piece_stats(gv, rowsum[row0:row0 + nrows], colsum[col0:col0 + ncols])
+            self._comm.all_reduce(buf, unit.group)
+            stats.update(views)
+
+        # Row-split tables (vocab parallel): column sums and active-row counts are summed over
+        # every group that splits the rows; one buffer per group.
+        extra = {}  # table -> tensor([colsum..., n_active])
+        for g, tensor, unit in work:
+            for t in unit.tables:
+                rowsum, colsum = stats[t]
+                n_active = (rowsum > 0).sum().to(torch.float32).reshape(1)
+                extra[t] = torch.cat([colsum, n_active])
+        by_group = {}
+        for t in extra:
+            for grp in self._table_info(t)[3].row_groups:
+                by_group.setdefault(id(grp), (grp, []))[1].append(t)
+        for grp, ts in by_group.values():
+            buf = torch.cat([extra[t] for t in ts])
+            self._comm.all_reduce(buf, grp)
+            off = 0
+            for t in ts:
+                n = extra[t].numel()
+                extra[t] = buf[off:off + n]
+                off += n
+
+        # Which tables are finite (every rank sees the same reduced sums: same decision).
+        order = list(extra)
+        finite = torch.stack([torch.isfinite(extra[t]).all() for t in order]).tolist()
+        ok = dict(zip(order, finite))
+
+        # Pass 2: state update (replicated) and this rank's elements.
+        factors = {}
+        for g, tensor, unit in work:
+            for t in unit.tables:
+                if t in factors:
+                    continue
+                rows, cols, V, _ = self._table_info(t)
+                st = self._state(t, rows, cols, tensor.device)
+                if not ok[t]:
+                    st["nonfinite_skips"] += 1
+                    msg = (f"Ember: non-finite gradient in token table "
+                           f"{table_meta(self._tables[t]).name or t}")
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(msg)
+                    warnings.warn(msg + "; its step was skipped (weights and state unchanged)")
+                    factors[t] = None
+                    continue
+                b2 = g["beta2"]
+                rowsum = stats[t][0]
+                colsum, n_active = extra[t][:-1], extra[t][-1]
+                st["step"] += 1
+                bc = 1.0 - b2 ** st["step"]
+                denom_c = n_active.clamp_min(1.0) if g["normalize"] == "active_rows" else V
+                st["r"].mul_(b2).add_(rowsum, alpha=(1.0 - b2) / cols)
+                st["c"].mul_(b2).add_(colsum / denom_c, alpha=1.0 - b2)
+                st["s"].mul_(b2).add_(colsum.sum() / (V * cols), alpha=1.0 - b2)
+                row_f = (st["r"] / (st["s"].clamp_min(1e-30) * bc)).sqrt_()
+                factors[t] = (row_f, st["c"].sqrt())
+            lr, eps, wd = g["lr"], g["eps"], g["weight_decay"]
+            decay = 1.0 - lr * wd
+            data, grad = tensor.data.reshape(-1), tensor.grad.reshape(-1)
+            for seg in unit.segments:
+                if factors[seg.table] is None:
+                    continue
+                row_f, col_f = factors[seg.table]
+                cols = self._table_info(seg.table)[1]
+                for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
+                    a = seg.start_in_tensor + o
+                    n = nrows * ncols
+                    piece_update(data[a:a + n].view(nrows, ncols), grad[a:a + n].view(nrows, ncols),
+                                 row_f[row0:row0 + nrows], col_f[col0:col0 + ncols], lr, eps, decay)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        sd = super().state_dict()
+        tables = []
+        for t in range(len(self._tables)):
+            rows, cols, V, meta = self._table_info(t)
+            st = self._table_state.get(t)
+            tables.append(dict(name=meta.name, shape=[rows, cols], global_rows=V,
+                               row_offset=meta.row_offset,
+                               state=None if st is None else dict(
+                                   r=st["r"].clone(), c=st["c"].clone(), s=st["s"].clone(),
+                                   step=st["step"], nonfinite_skips=st["nonfinite_skips"])))
+        sd["ember_tables"] = dict(version=1, tables=tables)
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("ember_tables", None)
+        if saved is None:
+            raise ValueError("Ember.load_state_dict: not an Ember state dict (no 'ember_tables')")
+        if len(saved["tables"]) != len(self._tables):
+            raise ValueError(f"Ember.load_state_dict: checkpoint has {len(saved['tables'])} token "
+                             f"tables, this optimizer {len(self._tables)}")
+        restored = {}
+        for t, entry in enumerate(saved["tables"]):
+            rows, cols, V, meta = self._table_info(t)
+            if list(entry["shape"]) != [rows, cols] or entry["global_rows"] != V or \
+                    entry.get("row_offset", 0) != meta.row_offset:
+                raise ValueError(
+                    f"Ember.load_state_dict: token table {t} ({meta.name or 'unnamed'}) is "
+                    f"{rows}x{cols} (global rows {V}, offset {meta.row_offset}) but the "
+                    f"checkpoint holds {entry['shape'][0]}x{entry['shape'][1]} (global rows "
+                    f"{entry['global_rows']}, offset {entry.get('row_offset', 0)})")
+            st = entry["state"]
+            if st is None:
+                continue
+            for key, n in (("r", rows), ("c", cols), ("s", 1)):
+                v = st[key]
+                if not torch.is_tensor(v) or not v.dtype.is_floating_point or v.numel() != n:
+                    raise ValueError(f"Ember.load_state_dict: table {t} state {key!r} must be a "
+                                     f"float tensor of {n} elements")
+            restored[t] = dict(r=st["r"].detach().to(torch.float32).clone(),
+                               c=st["c"].detach().to(torch.float32).clone(),
+                               s=st["s"].detach().to(torch.float32).clone().reshape(1),
+                               step=int(st["step"]),
+                               nonfinite_skips=int(st.get("nonfinite_skips", 0)))
+        super().load_state_dict(state_dict)
+        self._table_state = restored
+        if self._body is not None:
+            self._body.state = self.state
+
+
+def _split_groups(params):
+    """Split params / groups into (table groups, body groups), each a list of dicts."""
+    params = list(params)
+    if not params:
+        return [], []
+    if not isinstance(params[0], dict):
+        params = [{"params": params}]
+    tables, body, seen = [], [], set()
+    for group in params:
+        group = dict(group)
+        ps = group.pop("params")
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        flag = group.pop("token_table", None)
+        tab, bod = [], []
+        for p in ps:
+            if id(p) in seen:  # tied tables (and repeated tensors) count once
+                continue
+            seen.add(id(p))
+            (tab if flag or (flag is None and is_token_table(p)) else bod).append(p)
+        if tab:
+            tables.append(dict(group, params=tab, token_table=True))
+        if bod:
+            body.append(dict(group, params=bod, token_table=False))
+    return tables, body
+
+
+def _make_body_optimizer(spec, groups, options: dict, extra: dict):
+    cls = getattr(torch.optim, spec, None) if isinstance(spec, str) else spec
+    if cls is None or not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"Ember: body_optimizer must be a torch.optim.Optimizer class or the "
+                         f"name of one in torch.optim, got {spec!r}")
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in options.items() if k in accepted}
+    kwargs.update(extra)
+    return cls(groups, **kwargs)
+
+
+def _wrapper_tensors(wrapper) -> dict:
+    """Tensors a DeepSpeed wrapper may hand to step() (ZeRO-3 leaves group params empty
+    between steps)."""
+    found = {}
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                 "fp32_partitioned_groups_flat"):
+        for t in getattr(wrapper, attr, None) or []:
+            if torch.is_tensor(t):
+                found[id(t)] = t
+    for grp in getattr(wrapper, "fp32_groups", None) or []:
+        for t in grp if isinstance(grp, (list, tuple)) else [grp]:
+            if torch.is_tensor(t):
+                found[id(t)] = t
+    return found
+
+
+def state_bytes(optimizer: Ember) -> int:
+    """Bytes of Ember's table state (r, c, s): 4*(V_local + D + 1) per table."""
+    total = 0
+    for st in optimizer._table_state.values():
+        total += sum(st[k].numel() * st[k].element_size() for k in ("r", "c", "s"))
+    return total
+
+
+__all__ = ["Ember", "NORMALIZATIONS", "state_bytes"]
