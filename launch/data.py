@@ -1,0 +1,609 @@
+"""Training data: text files -> SentencePiece tokenizer -> megatron-core indexed dataset.
+
+    prepared = prepare_data(["my_texts/", "extra.jsonl"], cache_dir, DataSettings(vocab_size=8192))
+    train = TokenWindows(prepared.tokens("train"), seq_length=256)
+    sampler = DeterministicSampler(len(train), seed, micro_batch, grad_accum, dp_size, dp_rank)
+    ids = sampler.micro_batch_indices(step, micro)     # same answer whenever it is asked
+
+Inputs (``--data``): files and folders (searched recursively, hidden entries skipped), default the
+shipped corpus ``launch/corpus/kjv.txt.xz``.
+  * ``.txt`` / ``.text`` / ``.md``: UTF-8 text, documents separated by one or more blank lines;
+  * ``.jsonl`` / ``.ndjson``: one JSON object per line, the document under ``"text"`` (another key
+    with ``jsonl_key``), or one JSON string per line;
+  * each optionally compressed: ``.gz``, ``.xz``, ``.bz2``.
+An explicitly named file with another extension is read as plain text. A missing, empty, binary
+(NUL bytes), undecodable (not UTF-8) or corrupt (bad compression / JSON) input stops with a
+``DataError`` that names the file (and line).
+
+Preparation, once per (input contents, settings):
+  1. documents are split into train / validation by document (a seeded choice of
+     ``max(1, round(val_fraction * n))`` documents for validation);
+  2. a SentencePiece model (``vocab_size``, ``tokenizer_type``) is trained on the train documents,
+     or an existing ``.model`` file is used;
+  3. every document is encoded and written with an end-of-document token (the tokenizer's
+     ``</s>``) through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``: one
+     document per sequence, ``train.bin/.idx`` and ``valid.bin/.idx`` (uint16 tokens when the
+     vocabulary fits, else int32) -- the files megatron's own GPTDataset reads.
+
+Cache: ``<cache_dir>/<key>/`` with ``tokenizer.model``, ``{train,valid}.{bin,idx}`` and
+``meta.json``. ``key`` is a hash of the inputs' bytes (not their paths) and of the settings. The
+folder is built under a temporary name and renamed into place; ``meta.json`` (the completion
+marker, holding the full key) is written last inside it. A folder without a matching marker, or a
+leftover temporary folder, is never read: it is rebuilt.
+
+Samples: the token stream of a split (documents back to back, each ending with EOD) is cut into
+non-overlapping windows of ``seq_length + 1`` tokens (inputs = window[:-1], labels = window[1:]).
+The order is a permutation per epoch drawn from (seed, epoch); the samples of step ``t`` are the
+global positions ``t*G .. t*G+G-1`` (G = global batch), micro-batch ``m`` of data-parallel rank
+``r`` takes positions ``m*mb*dp + r*mb .. + mb``. So the order depends only on seed and step
+(resumable with no loader state) and each rank reads only its own slice.
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+DEFAULT_CORPUS = CORPUS_DIR / "kjv.txt.xz"
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+COMPRESSORS: dict[str, Callable] = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+TOKENIZER_TYPES = ("bpe", "unigram")
+SPLITS = ("train", "valid")
+
+
+class DataError(ValueError):
+    """Bad input data or settings; the message names the file."""
+
+
+def default_cache_dir() -> Path:
+    """``$EMBER_DATA_CACHE``, else ``$XDG_CACHE_HOME/ember_ds/data`` (``~/.cache/...``)."""
+    if os.environ.get("EMBER_DATA_CACHE"):
+        return Path(os.environ["EMBER_DATA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ember_ds" / "data"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+def _split_suffix(path: Path) -> tuple[str, Optional[str]]:
+    """(format suffix, compression suffix or None) of a file name, lower case."""
+    suffixes = [s.lower() for s in path.suffixes]
+    comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSORS else None
+    rest = suffixes[:-1] if comp else suffixes
+    return (rest[-1] if rest else ""), comp
+
+
+def _is_data_file(path: Path) -> bool:
+    fmt, _ = _split_suffix(path)
+    return fmt in TEXT_SUFFIXES or fmt in JSONL_SUFFIXES
+
+
+def resolve_inputs(paths: Optional[Sequence[str | os.PathLike]]) -> list[Path]:
+    """Expand ``paths`` (files and folders; empty: the shipped corpus) into a sorted,
+    de-duplicated list of data files. A missing path, or a folder holding no data file, raises."""
+    if not paths:
+        paths = [DEFAULT_CORPUS]
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if not p.exists():
+            raise DataError(f"data path not found: {p}")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_data_file(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise DataError(f"no data files under folder {p} (looked for "
+                                f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, optionally "
+                                f"compressed as {', '.join(COMPRESSORS)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"data path is neither a file nor a folder: {p}")
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed according to its last suffix."""
+    _, comp = _split_suffix(path)
+    try:
+        if comp:
+            with COMPRESSORS[comp](path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"{path}: cannot read{' ' + comp + '-compressed data' if comp else ''} "
+                        f"({e})") from e
+
+
+def read_text(path: Path) -> str:
+    """Decode one input file as UTF-8 (a BOM is dropped, CRLF becomes LF); empty, binary and
+    non-UTF-8 files raise a DataError naming the file."""
+    raw = read_bytes(path)
+    if not raw.strip():
+        raise DataError(f"{path} is empty")
+    nul = raw.find(b"\x00", 0, 1 << 20)
+    if nul >= 0:
+        raise DataError(f"{path} looks like a binary file (NUL byte at offset {nul}); expected "
+                        "UTF-8 text (.txt/.md) or JSON lines (.jsonl)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}, line {line}); "
+                        "convert it first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n\s*")
+
+
+def iter_file_documents(path: Path, jsonl_key: str = "text") -> Iterator[str]:
+    """The documents of one file (see the module docstring for the formats)."""
+    fmt, _ = _split_suffix(path)
+    text = read_text(path)
+    count = 0
+    if fmt in JSONL_SUFFIXES:
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not a JSON line ({e.msg})") from e
+            if isinstance(obj, dict):
+                if jsonl_key not in obj:
+                    raise DataError(f"{path}:{lineno}: no {jsonl_key!r} field (keys: "
+                                    f"{', '.join(map(str, list(obj)[:8]))})")
+                obj = obj[jsonl_key]
+            if not isinstance(obj, str):
+                raise DataError(f"{path}:{lineno}: the document must be a string, got "
+                                f"{type(obj).__name__}")
+            if obj.strip():
+                count += 1
+                yield obj.strip()
+    else:
+        for doc in _BLANK_LINES.split(text):
+            doc = doc.strip()
+            if doc:
+                count += 1
+                yield doc
+    if count == 0:
+        raise DataError(f"{path} holds no non-empty document")
+
+
+def iter_documents(files: Sequence[Path], jsonl_key: str = "text") -> Iterator[str]:
+    for f in files:
+        yield from iter_file_documents(f, jsonl_key)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, cache key, preparation
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataSettings:
+    vocab_size: int = 8192            # SentencePiece vocabulary (ignored with ``tokenizer``)
+    tokenizer_type: str = "bpe"       # "bpe" | "unigram"
+    val_fraction: float = 0.05        # share of documents held out for validation
+    split_seed: int = 1234            # seeds the train/validation split and tokenizer training
+    jsonl_key: str = "text"
+    tokenizer: Optional[str] = None   # an existing SentencePiece .model instead of training one
+    character_coverage: float = 1.0
+    byte_fallback: Optional[bool] = None   # None: on when vocab_size >= 1024
+
+    def check(self) -> None:
+        if self.tokenizer is None:
+            if not 64 <= self.vocab_size <= 1_000_000:
+                raise DataError(f"vocab size {self.vocab_size} is out of range (64 .. 1,000,000)")
+            if self.tokenizer_type not in TOKENIZER_TYPES:
+                raise DataError(f"unknown tokenizer type {self.tokenizer_type!r}; choose from "
+                                f"{', '.join(TOKENIZER_TYPES)}")
+        elif not Path(self.tokenizer).is_file():
+            raise DataError(f"tokenizer model not found: {self.tokenizer}")
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise DataError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+
+    @property
+    def use_byte_fallback(self) -> bool:
+        return self.vocab_size >= 1024 if self.byte_fallback is None else bool(self.byte_fallback)
+
+
+def cache_key(files: Sequence[Path], settings: DataSettings) -> tuple[str, dict]:
+    """sha256 over the format version, the settings and the inputs' content digests."""
+    desc = {"format": FORMAT_VERSION,
+            "settings": {**asdict(settings), "tokenizer": None,
+                         "byte_fallback": settings.use_byte_fallback},
+            "inputs": [file_digest(f) for f in files]}
+    if settings.tokenizer:
+        desc["tokenizer_digest"] = file_digest(Path(settings.tokenizer))
+        for k in ("vocab_size", "tokenizer_type", "character_coverage", "byte_fallback"):
+            desc["settings"].pop(k)
+    blob = json.dumps(desc, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), desc
+
+
+@dataclass
+class PreparedData:
+    """A complete cache folder."""
+    path: Path
+    meta: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.model"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def eod_id(self) -> int:
+        return int(self.meta["eod_id"])
+
+    @property
+    def digest(self) -> str:
+        return self.meta["digest"]
+
+    def tokenizer(self):
+        import sentencepiece as spm
+        return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
+
+    def prefix(self, split: str) -> str:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        return str(self.path / split)
+
+    def indexed_dataset(self, split: str):
+        """megatron-core's IndexedDataset over a split (one sequence per document)."""
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        return IndexedDataset(self.prefix(split))
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's whole token stream, memory-mapped read-only (the .bin file holds the
+        documents back to back, in IndexedDataset's dtype)."""
+        n = int(self.meta[f"{split}_tokens"])
+        dtype = np.dtype(self.meta["dtype"])
+        return np.memmap(self.prefix(split) + ".bin", dtype=dtype, mode="r", shape=(n,))
+
+
+def _read_marker(folder: Path, key: str) -> Optional[dict]:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or meta.get("complete") is not True:
+        return None
+    for name in ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+        if not (folder / name).is_file():
+            return None
+    return meta
+
+
+def find_prepared(files: Sequence[Path], settings: DataSettings,
+                  cache_dir: str | os.PathLike) -> Optional[PreparedData]:
+    key, _ = cache_key(files, settings)
+    folder = Path(cache_dir) / key[:20]
+    meta = _read_marker(folder, key)
+    return PreparedData(folder, meta) if meta else None
+
+
+def prepare_data(paths: Optional[Sequence[str | os.PathLike]] = None,
+                 cache_dir: Optional[str | os.PathLike] = None,
+                 settings: DataSettings = DataSettings(),
+                 log: Callable[[str], None] = print) -> PreparedData:
+    """Return the prepared data for ``paths`` and ``settings``, building it when the cache has no
+    complete copy. Safe to call from several processes at once (each builds under its own
+    temporary name; the first complete rename wins, the others use it)."""
+    settings.check()
+    files = resolve_inputs(paths)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key, desc = cache_key(files, settings)
+    final = cache_dir / key[:20]
+    meta = _read_marker(final, key)
+    if meta:
+        return PreparedData(final, meta)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{key[:20]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    t0 = time.time()
+    try:
+        meta = _build(files, settings, tmp, log)
+        meta.update(key=key, inputs=[str(f) for f in files], description=desc,
+                    build_seconds=round(time.time() - t0, 2), complete=True)
+        with open(tmp / "meta.json", "w") as fh:     # the completion marker, written last
+            json.dump(meta, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _publish(tmp, final, key)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = _read_marker(final, key)
+    if meta is None:            # pragma: no cover - only if the folder vanished under us
+        raise DataError(f"prepared data at {final} is incomplete after building it")
+    log(f"[data] prepared {meta['train_docs']} train / {meta['valid_docs']} valid documents, "
+        f"{meta['train_tokens']:,} / {meta['valid_tokens']:,} tokens, vocabulary "
+        f"{meta['vocab_size']} in {time.time() - t0:.1f}s -> {final}")
+    return PreparedData(final, meta)
+
+
+def _publish(tmp: Path, final: Path, key: str) -> None:
+    """Rename the finished folder into place; a stale incomplete folder there is moved away
+    first; a complete one written meanwhile by another process is kept."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError:
+            if _read_marker(final, key):
+                return                     # another process finished first
+            if final.exists():             # incomplete leftover (crash mid-build): discard
+                stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(final, stale)
+                except OSError:
+                    continue
+                shutil.rmtree(stale, ignore_errors=True)
+    raise DataError(f"could not move prepared data into {final}")
+
+
+def _build(files: Sequence[Path], settings: DataSettings, out: Path, log) -> dict:
+    import sentencepiece as spm
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    # pass 1: validate every file and count documents (errors name the file before any work)
+    counts = []
+    for f in files:
+        counts.append(sum(1 for _ in iter_file_documents(f, settings.jsonl_key)))
+    n_docs = sum(counts)
+    if n_docs < 2:
+        raise DataError(f"{', '.join(map(str, files))}: only {n_docs} document; at least 2 are "
+                        "needed for a train/validation split (in .txt files documents are "
+                        "separated by blank lines)")
+    n_val = min(n_docs - 1, max(1, round(settings.val_fraction * n_docs)))
+    rng = np.random.default_rng(settings.split_seed)
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[rng.choice(n_docs, n_val, replace=False)] = True
+
+    # tokenizer: trained on the train documents' lines, deterministically
+    model_path = out / "tokenizer.model"
+    if settings.tokenizer:
+        shutil.copyfile(settings.tokenizer, model_path)
+    else:
+        def lines():
+            for i, doc in enumerate(iter_documents(files, settings.jsonl_key)):
+                if not is_val[i]:
+                    for line in doc.split("\n"):
+                        if line.strip():
+                            yield line
+        spm.set_random_generator_seed(settings.split_seed)
+        buf = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines(), model_writer=buf, vocab_size=settings.vocab_size,
+                model_type=settings.tokenizer_type, character_coverage=settings.character_coverage,
+                byte_fallback=settings.use_byte_fallback, unk_id=0, bos_id=1, eos_id=2,
+                pad_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                num_threads=1, minloglevel=2)
+        except RuntimeError as e:
+            raise DataError(f"training the SentencePiece tokenizer (vocab {settings.vocab_size}, "
+                            f"{settings.tokenizer_type}) on {len(files)} file(s) failed: {e}. "
+                            "A smaller --vocab-size or more text usually fixes this.") from e
+        model_path.write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    vocab = sp.get_piece_size()
+    eod = sp.eos_id()
+    if eod < 0:
+        raise DataError(f"tokenizer {settings.tokenizer or model_path} has no </s> (eos) piece "
+                        "to end documents with")
+    dtype = DType.optimal_dtype(vocab)
+
+    # pass 2: encode, one document per sequence, EOD-terminated
+    builders = {s: IndexedDatasetBuilder(str(out / f"{s}.bin"), dtype=dtype) for s in SPLITS}
+    n_tok = {s: 0 for s in SPLITS}
+    n_doc = {s: 0 for s in SPLITS}
+    batch, batch_split = [], []
+
+    def flush():
+        for ids, split in zip(sp.encode(batch, out_type=int), batch_split):
+            ids.append(eod)
+            builders[split].add_item(torch.tensor(ids, dtype=torch.int64))
+            builders[split].end_document()
+            n_tok[split] += len(ids)
+            n_doc[split] += 1
+        batch.clear()
+        batch_split.clear()
+
+    for i, doc in enumerate(iter_documents(files, settings.jsonl_key)):
+        batch.append(doc)
+        batch_split.append("valid" if is_val[i] else "train")
+        if len(batch) >= 512:
+            flush()
+    flush()
+    h = hashlib.blake2b(digest_size=16)
+    for s in SPLITS:
+        builders[s].finalize(str(out / f"{s}.idx"))
+    for name in ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+        h.update(file_digest(out / name).encode())
+    return {"complete": False, "format": FORMAT_VERSION, "vocab_size": vocab, "eod_id": eod,
+            "dtype": np.dtype(dtype).name, "train_docs": n_doc["train"],
+            "valid_docs": n_doc["valid"], "train_tokens": n_tok["train"],
+            "valid_tokens": n_tok["valid"], "files": [str(f) for f in files],
+            "docs_per_file": counts, "settings": asdict(settings), "digest": h.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and their order
+# --------------------------------------------------------------------------------------------
+
+class TokenWindows:
+    """Non-overlapping windows of ``seq_length + 1`` tokens over a token stream."""
+
+    def __init__(self, tokens: np.ndarray, seq_length: int, name: str = "data"):
+        self.tokens = tokens
+        self.seq_length = int(seq_length)
+        self.num_samples = (len(tokens) - 1) // self.seq_length
+        if self.num_samples < 1:
+            raise DataError(f"the {name} split has {len(tokens)} tokens, fewer than "
+                            f"seq_length + 1 = {self.seq_length + 1}: use more text, a larger "
+                            "validation fraction or a shorter sequence")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(i) * self.seq_length
+        return np.asarray(self.tokens[start:start + self.seq_length + 1], dtype=np.int64)
+
+    def batch(self, indices):
+        """(input_ids, labels) as int64 torch tensors of shape [len(indices), seq_length]."""
+        import torch
+        arr = np.stack([self[i] for i in indices]) if len(indices) else \
+            np.zeros((0, self.seq_length + 1), dtype=np.int64)
+        t = torch.from_numpy(arr)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+class DeterministicSampler:
+    """Which samples a data-parallel rank reads at (step, micro-step): a pure function of seed
+    and position, so resuming at step t needs no loader state, and ranks never coordinate.
+
+    Global position k of the stream maps to sample ``perm(seed, k // N)[k % N]`` (N samples, a
+    fresh permutation per epoch). Step t covers positions [t*G, (t+1)*G), G = micro_batch *
+    grad_accum * dp_size; inside it micro-step m of rank r takes
+    ``t*G + m*micro_batch*dp_size + r*micro_batch + [0, micro_batch)``. The global batch of a step
+    is therefore the same set of samples for any split of G into dp_size x grad_accum.
+    """
+
+    def __init__(self, num_samples: int, seed: int, micro_batch: int, grad_accum: int,
+                 dp_size: int, dp_rank: int):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.micro_batch, self.grad_accum = int(micro_batch), int(grad_accum)
+        self.dp_size, self.dp_rank = int(dp_size), int(dp_rank)
+        self.global_batch = self.micro_batch * self.grad_accum * self.dp_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(self.num_samples)
+        return self._perms[epoch]
+
+    def samples_at(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty_like(positions)
+        epochs = positions // self.num_samples
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[positions[sel] % self.num_samples]
+        return out
+
+    def micro_batch_indices(self, step: int, micro: int) -> np.ndarray:
+        if not 0 <= micro < self.grad_accum:
+            raise ValueError(f"micro-step {micro} outside [0, {self.grad_accum})")
+        start = (step * self.global_batch + micro * self.micro_batch * self.dp_size
+                 + self.dp_rank * self.micro_batch)
+        return self.samples_at(np.arange(start, start + self.micro_batch))
+
+    def global_batch_indices(self, step: int) -> np.ndarray:
+        start = step * self.global_batch
+        return self.samples_at(np.arange(start, start + self.global_batch))
+
+
+def eval_indices(num_samples: int, max_samples: int, dp_size: int, dp_rank: int) -> np.ndarray:
+    """This rank's share of the fixed validation set: the first min(max_samples, N) windows, in
+    order, split evenly over the data-parallel ranks (each gets at least one)."""
+    n = min(int(max_samples), num_samples)
+    per_rank = max(1, n // dp_size)
+    return (dp_rank * per_rank + np.arange(per_rank)) % num_samples
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python launch/data.py --data FILES... [--vocab-size N]  (prepare and print a summary)
+# --------------------------------------------------------------------------------------------
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text files / folders (.txt .md .jsonl, optionally .gz .xz .bz2); "
+                        "default: the shipped corpus launch/corpus/kjv.txt.xz")
+    g.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece vocabulary size")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="bpe")
+    g.add_argument("--tokenizer", default=None, help="use this SentencePiece .model instead of "
+                   "training one")
+    g.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation")
+    g.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl files")
+    g.add_argument("--cache-dir", default=None,
+                   help="where prepared data is cached (default $EMBER_DATA_CACHE or "
+                        "~/.cache/ember_ds/data)")
+
+
+def settings_from_args(args, split_seed: int = 1234) -> DataSettings:
+    return DataSettings(vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type,
+                        val_fraction=args.val_fraction, split_seed=split_seed,
+                        jsonl_key=args.jsonl_key, tokenizer=args.tokenizer)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Prepare (tokenize and cache) training data.")
+    add_data_args(p)
+    p.add_argument("--split-seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    try:
+        prepared = prepare_data(args.data, args.cache_dir, settings_from_args(args, args.split_seed))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = prepared.meta
+    print(json.dumps({"path": str(prepared.path), "vocab_size": m["vocab_size"],
+                      "train_docs": m["train_docs"], "valid_docs": m["valid_docs"],
+                      "train_tokens": m["train_tokens"], "valid_tokens": m["valid_tokens"],
+                      "files": m["files"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
