@@ -51,6 +51,9 @@ _WRAPPER_INIT_DEPTH = [0]
 class Ember(torch.optim.Optimizer):
     """Ember on the token tables, ``body_optimizer`` (AdamW) on every other parameter.
 
+    Body options left as None take the body optimizer's own defaults (torch's AdamW: betas
+    (0.9, 0.999), eps 1e-8, weight_decay 0.01); ``body_lr`` defaults to ``lr``.
+
     ``params``: an nn.Module (its nn.Embedding / VocabParallelEmbedding weights and tagged
     parameters are tables), an iterable of tensors (tagged ones are tables), or param groups
     (a group with ``"token_table": True`` holds tables only).
@@ -59,8 +62,8 @@ class Ember(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8,
                  weight_decay: float = 0.0, normalize: str = "rows", *,
                  body_optimizer="AdamW", body_lr: Optional[float] = None,
-                 body_betas=(0.9, 0.999), body_eps: float = 1e-8,
-                 body_weight_decay: float = 0.01, body_kwargs: Optional[dict] = None,
+                 body_betas=None, body_eps: Optional[float] = None,
+                 body_weight_decay: Optional[float] = None, body_kwargs: Optional[dict] = None,
                  nonfinite: str = "skip", dedicated_comm: bool = True):
         if not lr >= 0.0:
             raise ValueError(f"Ember: invalid lr {lr}")
@@ -88,7 +91,8 @@ class Ember(torch.optim.Optimizer):
         self._body = None
         if body_groups:
             self._body = _make_body_optimizer(body_optimizer, body_groups, dict(
-                lr=lr if body_lr is None else body_lr, betas=tuple(body_betas), eps=body_eps,
+                lr=lr if body_lr is None else body_lr,
+                betas=None if body_betas is None else tuple(body_betas), eps=body_eps,
                 weight_decay=body_weight_decay), body_kwargs or {})
         defaults = dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay,
                         normalize=normalize, token_table=False)
@@ -405,7 +409,11 @@ def _make_body_optimizer(spec, groups, options: dict, extra: dict):
         raise ValueError(f"Ember: body_optimizer must be a torch.optim.Optimizer class or the "
                          f"name of one in torch.optim, got {spec!r}")
     accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in options.items() if k in accepted}
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    refused = sorted(set(kwargs) - set(accepted))
+    if refused:
+        raise ValueError(f"Ember: body optimizer {cls.__name__} takes no {refused} (body_"
+                         f"{refused[0]}); leave it unset")
     kwargs.update(extra)
     return cls(groups, **kwargs)
 

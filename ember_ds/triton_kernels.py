@@ -2,12 +2,14 @@
 
 ``piece_stats_triton(g, rowsum, colsum)``
     rowsum[i] += sum_j g_ij^2 and colsum[j] += sum_i g_ij^2, in fp32. Reads G once. No atomics:
-    a 1-D grid of at most ``_max_programs`` programs each owns a contiguous range of rows (so it
-    owns those entries of ``rowsum`` and updates them in place, adding one column block at a
-    time in a fixed order) and writes its partial column sums to its own row of a
-    ``[programs, cols]`` fp32 buffer; ``colsum += buffer.sum(0)`` (a torch reduction in a fixed
-    order) finishes. The buffer is at most 1/(``_MIN_TILES`` * BLOCK_M) of the piece, and the
-    whole call is bitwise reproducible for a fixed shape / device.
+    a [row programs, column blocks] grid (about ``_max_programs`` programs in all); program
+    (m, n) loops over its contiguous range of rows in one column block of width <= 256 and
+    writes its partial column sums to row m of a ``[row programs, cols]`` fp32 buffer, and its
+    row sums either straight into ``rowsum`` (one column block) or to row n of a
+    ``[column blocks, rows]`` buffer. ``colsum += part.sum(0)`` and ``rowsum += rowpart.sum(0)``
+    (torch reductions in a fixed order) finish. Both buffers stay far below 1/8 of the piece
+    (see ``_stats_plan``), and the whole call is bitwise reproducible for a fixed shape and
+    device.
 
 ``piece_update_triton(w, g, a, b, lr, eps, decay)``
     w <- w*decay - lr * g / (a_i*b_j + eps) in place, computed in fp32 and rounded once to w's
@@ -86,34 +88,39 @@ def _max_programs(device: torch.device) -> int:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _stats_kernel(g_ptr, rowsum_ptr, part_ptr,
+    def _stats_kernel(g_ptr, rowout_ptr, part_ptr,
                       rows, cols, rows_per_prog,
-                      stride_gm, stride_gn, stride_r,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid = tl.program_id(0)
-        row_lo = pid * rows_per_prog
+                      stride_gm, stride_gn, stride_ro_b, stride_ro,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ADD_ROWS: tl.constexpr):
+        # program (pid_m, pid_n): rows [pid_m*rows_per_prog, +rows_per_prog) x one column block.
+        # Every output element is written by exactly one program, once: no atomics, and no
+        # global read-after-write inside the kernel (so no intra-CTA ordering is needed).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        row_lo = pid_m * rows_per_prog
         row_hi = tl.minimum(row_lo + rows_per_prog, rows)
+        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cn < cols
+        col_off = cn.to(tl.int64) * stride_gn
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        part_row = part_ptr + pid.to(tl.int64) * cols
-        for n0 in range(0, cols, BLOCK_N):
-            cn = n0 + offs_n
-            nmask = cn < cols
-            col_off = cn.to(tl.int64) * stride_gn
-            col_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for m0 in range(row_lo, row_hi, BLOCK_M):
-                rm = m0 + offs_m
-                mmask = rm < row_hi
-                ptrs = g_ptr + (rm.to(tl.int64) * stride_gm)[:, None] + col_off[None, :]
-                mask = mmask[:, None] & nmask[None, :]
-                g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                q = g * g
-                col_acc += tl.sum(q, axis=0)
-                # this program owns rows [row_lo, row_hi): read-modify-write, no atomics
-                r_ptrs = rowsum_ptr + rm.to(tl.int64) * stride_r
-                r = tl.load(r_ptrs, mask=mmask, other=0.0)
-                tl.store(r_ptrs, r + tl.sum(q, axis=1), mask=mmask)
-            tl.store(part_row + cn, col_acc, mask=nmask)
+        # ADD_ROWS (a single column block): rowsum += row sums directly; otherwise write this
+        # block's partial row sums to row pid_n of a [column blocks, rows] buffer
+        row_base = rowout_ptr + pid_n.to(tl.int64) * stride_ro_b
+        col_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for m0 in range(row_lo, row_hi, BLOCK_M):
+            rm = m0 + offs_m
+            mmask = rm < row_hi
+            rm64 = rm.to(tl.int64)
+            ptrs = g_ptr + (rm64 * stride_gm)[:, None] + col_off[None, :]
+            g = tl.load(ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+            q = g * g
+            col_acc += tl.sum(q, axis=0)
+            rsum = tl.sum(q, axis=1)
+            r_ptrs = row_base + rm64 * stride_ro
+            if ADD_ROWS:
+                rsum = tl.load(r_ptrs, mask=mmask, other=0.0) + rsum
+            tl.store(r_ptrs, rsum, mask=mmask)
+        tl.store(part_ptr + pid_m.to(tl.int64) * cols + cn, col_acc, mask=nmask)
 
     @triton.jit
     def _update_kernel(w_ptr, g_ptr, a_ptr, b_ptr,
@@ -155,41 +162,52 @@ def _check_mat(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
 
 
-def _stats_plan(rows: int, cols: int, cap: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, programs, rows per program) for the stats kernel. Each program gets
-    at least ``_MIN_TILES`` row tiles (when there are that many), so the [programs, cols]
-    partial buffer holds at most max(cols, rows*cols / (_MIN_TILES*BLOCK_M)) floats."""
+def _stats_plan(rows: int, cols: int, cap: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, row programs, column blocks, rows per program) for the stats kernel.
+
+    The grid is [row programs, column blocks] with at most about ``cap`` programs; each row
+    program gets at least ``_MIN_TILES`` row tiles (when there are that many), so the
+    [row programs, cols] partial-column buffer holds at most
+    max(cols, rows*cols / (_MIN_TILES*BLOCK_M)) floats. With more than one column block the
+    [column blocks, rows] partial-row buffer holds rows*ceil(cols/BLOCK_N) <= 2*rows*cols/256
+    floats (cols > BLOCK_N = 256 there)."""
     block_m, block_n = _blocks(rows, cols)
+    col_blocks = -(-cols // block_n)
     tiles = -(-rows // block_m)
-    progs = max(1, min(cap, tiles // _MIN_TILES))
+    progs = max(1, min(max(1, cap // col_blocks), tiles // _MIN_TILES))
     rows_per_prog = -(-tiles // progs) * block_m
     progs = -(-rows // rows_per_prog)
-    return block_m, block_n, progs, rows_per_prog
+    return block_m, block_n, progs, col_blocks, rows_per_prog
 
 
 def piece_stats_triton(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor,
                        max_programs: int | None = None) -> None:
     """Add sum_j g_ij^2 into ``rowsum`` [rows] and sum_i g_ij^2 into ``colsum`` [cols] (fp32).
 
-    Deterministic (no atomics). ``max_programs`` bounds the grid (default: 4 per SM on CUDA)
-    and thereby the [programs, cols] fp32 partial-column buffer."""
+    Deterministic (no atomics; partial sums are added by torch reductions in a fixed order).
+    ``max_programs`` bounds the grid (default: 4 per SM on CUDA) and thereby the
+    [programs, cols] fp32 partial-column buffer."""
     _check_mat("g", g)
     rows, cols = g.shape
     _check_vec("rowsum", rowsum, rows, g.device)
     _check_vec("colsum", colsum, cols, g.device)
     if g.numel() == 0:
         return
-    block_m, block_n, progs, rows_per_prog = _stats_plan(
+    block_m, block_n, progs, col_blocks, rows_per_prog = _stats_plan(
         rows, cols, max_programs if max_programs is not None else _max_programs(g.device))
     part = torch.empty((progs, cols), dtype=torch.float32, device=g.device)
-    _stats_kernel[(progs,)](
-        g, rowsum, part, rows, cols, rows_per_prog,
-        g.stride(0), g.stride(1), rowsum.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    if progs == 1:
-        colsum.add_(part[0])
+    if col_blocks == 1:
+        rowout, stride_b, stride_r = rowsum, 0, rowsum.stride(0)
     else:
-        colsum.add_(part.sum(dim=0))
+        rowout = torch.empty((col_blocks, rows), dtype=torch.float32, device=g.device)
+        stride_b, stride_r = rowout.stride(0), 1
+    _stats_kernel[(progs, col_blocks)](
+        g, rowout, part, rows, cols, rows_per_prog,
+        g.stride(0), g.stride(1), stride_b, stride_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, ADD_ROWS=col_blocks == 1, num_warps=4)
+    if col_blocks > 1:
+        rowsum.add_(rowout.sum(dim=0))
+    colsum.add_(part[0] if progs == 1 else part.sum(dim=0))
 
 
 def piece_update_triton(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
