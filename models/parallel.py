@@ -34,7 +34,7 @@ def init_model_parallel(tensor_parallel: int = 1, seed: int = 1234) -> None:
     (the rest is data parallel) and seed its RNG trackers. On CPU the tracker is seeded without
     touching torch.cuda."""
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mcore_random
 
     init_distributed()
     world = dist.get_world_size()
@@ -48,7 +48,7 @@ def init_model_parallel(tensor_parallel: int = 1, seed: int = 1234) -> None:
     else:
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(
+    mcore_random.model_parallel_cuda_manual_seed(
         seed, inference_rng_tracker=not torch.cuda.is_available())
 
 
