@@ -18,10 +18,17 @@ def check(results, world, tp=2):
 
 @pytest.mark.dist
 def test_tp2_plain(run_dist):
-    check(run_dist("ember_tp.py", 2, "plain"), 2)
+    check([r["plain"] for r in run_dist("ember_tp.py", 2, "plain")], 2)
+
+
+@pytest.fixture(scope="module")
+def zero_results(tmp_path_factory):
+    from tests.conftest import torchrun
+    return torchrun("ember_tp.py", 4, "zero1", "zero2", "zero3",
+                    tmp_path=tmp_path_factory.mktemp("tp_zero"), timeout=600)
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
-def test_tp2_dp2_zero(run_dist, mode):
-    check(run_dist("ember_tp.py", 4, mode), 4)
+def test_tp2_dp2_zero(zero_results, mode):
+    check([r[mode] for r in zero_results], 4)

@@ -2,7 +2,7 @@
 column-parallel LM head) at TP = 2, alone and with DeepSpeed ZeRO at TP = 2 x DP = 2, against
 a TP = 1 single-process reference (dense Ember math + torch AdamW) on the full tables.
 
-usage: torchrun --nproc_per_node N ember_tp.py MODE   (MODE: plain | zero1 | zero2 | zero3)
+usage: torchrun --nproc_per_node N ember_tp.py MODE [MODE ...]  (plain | zero1 | zero2 | zero3)
 """
 import copy
 import sys
@@ -67,8 +67,7 @@ def ref_loss(ref, ids, tgt):
     return nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
 
 
-def main():
-    mode = sys.argv[1]
+def run(mode):
     import ember_ds
     from ember_ds import Ember
     from models.parallel import MegatronMPU, init_model_parallel
@@ -77,6 +76,7 @@ def main():
 
     ember_ds.disable_cpu_shm_build()
     init_model_parallel(tensor_parallel=2)
+    torch.manual_seed(0)
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
     dp = ps.get_data_parallel_world_size()
     model, ref = build(tp_rank, 2)
@@ -127,11 +127,11 @@ def main():
                 / want[k].double().abs().max()).item() for k in got}
     moved = ((got["emb"] - build(tp_rank, 2)[0].emb.weight).abs().max()).item()
     st = opt.table_state(0)
-    write_result(dict(errs=errs, moved=moved, tp_rank=tp_rank, dp_rank=dp_rank,
-                      r_len=int(st["r"].numel()), c_sum=st["c"].double().sum().item(),
-                      global_rows=[opt._table_info(t)[2] for t in range(len(opt.token_tables))],
-                      n_tables=len(opt.token_tables)))
+    return dict(errs=errs, moved=moved, tp_rank=tp_rank, dp_rank=dp_rank,
+                r_len=int(st["r"].numel()), c_sum=st["c"].double().sum().item(),
+                global_rows=[opt._table_info(t)[2] for t in range(len(opt.token_tables))],
+                n_tables=len(opt.token_tables))
 
 
 if __name__ == "__main__":
-    main()
+    write_result({mode: run(mode) for mode in sys.argv[1:]})
