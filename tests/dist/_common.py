@@ -12,3 +12,15 @@ def write_result(obj) -> None:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(os.environ["EMBER_TEST_OUT"]) / f"rank{rank}.json"
     out.write_text(json.dumps(obj))
+
+
+def finish(obj) -> None:
+    """Write this rank's result, wait for every rank, and leave without interpreter teardown
+    (DeepSpeed's offload threads and gloo can abort in atexit handlers after a clean run)."""
+    import torch.distributed as dist
+    write_result(obj)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_initialized():
+        dist.barrier()
+    os._exit(0)

@@ -7,7 +7,7 @@ usage: torchrun --nproc_per_node N ember_tp.py MODE [MODE ...]  (plain | zero1 |
 import copy
 import sys
 
-from _common import write_result
+from _common import finish
 
 import torch
 import torch.distributed as dist
@@ -134,4 +134,4 @@ def run(mode):
 
 
 if __name__ == "__main__":
-    write_result({mode: run(mode) for mode in sys.argv[1:]})
+    finish({mode: run(mode) for mode in sys.argv[1:]})

@@ -8,7 +8,7 @@ import copy
 import sys
 import tempfile
 
-from _common import write_result
+from _common import finish
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ def batches(world):
         yield ids, tgt
 
 
-def ds_config(stage, dtype, world, client=False):
+def ds_config(stage, dtype, world, client=False, offload=False):
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
         "train_batch_size": MICRO * world, "gradient_clipping": 0.0,
@@ -64,6 +64,9 @@ def ds_config(stage, dtype, world, client=False):
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if client:
         del cfg["optimizer"]
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
 
@@ -75,7 +78,7 @@ def full_params(engine, stage):
     return [p.detach().float().clone() for p in params]
 
 
-def run(stage, dtype, rank, world, client=False):
+def run(stage, dtype, rank, world, client=False, offload=False):
     torch.manual_seed(0)
     model = Net()
     ref = copy.deepcopy(model)
@@ -83,7 +86,8 @@ def run(stage, dtype, rank, world, client=False):
     if client:  # the explicit route: an Ember instance instead of the ds_config section
         kw["optimizer"] = ember_ds.Ember(model, **HP, **BODY)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(stage, dtype, world, client), **kw)
+                                      config=ds_config(stage, dtype, world, client, offload),
+                                      **kw)
     ember = engine.basic_optimizer
     assert isinstance(ember, ember_ds.Ember), type(ember)
     ref_tables = ReferenceEmber([ref.emb.weight, ref.head.weight], **HP)
@@ -120,7 +124,7 @@ def run(stage, dtype, rank, world, client=False):
                   state_bytes=ember_ds.state_bytes(ember), wrapper=type(engine.optimizer).__name__,
                   cut_rows=sum(1 for _, u in ember._units.values() for sg in u.segments
                                if sg.start_in_table % D or (sg.start_in_table + sg.length) % D))
-    if stage in (1, 2, 3) and dtype == "fp32":
+    if stage in (1, 2, 3) and dtype == "fp32" and not (client or offload):
         result["resume"] = resume_check(stage, dtype, world, rank, data)
     return result
 
@@ -167,7 +171,8 @@ def main():
     out = {}
     for spec in sys.argv[1:]:
         stage, dtype, *rest = spec.split(":")
-        out[spec] = run(int(stage), dtype, rank, world, client="client" in rest)
+        out[spec] = run(int(stage), dtype, rank, world, client="client" in rest,
+                        offload="offload" in rest)
     # an unknown key in the ds_config params is a clear error listing the valid ones
     cfg = ds_config(1, "fp32", world)
     cfg["optimizer"]["params"]["betas"] = [0.9, 0.99]
@@ -176,7 +181,7 @@ def main():
         out["bad_key_error"] = None
     except ValueError as e:
         out["bad_key_error"] = str(e)
-    write_result(out)
+    finish(out)
 
 
 if __name__ == "__main__":
