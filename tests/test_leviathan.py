@@ -14,6 +14,11 @@ from models.leviathan import (LeviathanGenerator, digit_base, leviathan_param_co
 torch.set_num_threads(1)
 
 SMALL = dict(coords=3, seed_dim=6, heads=2, knots=5, modes=4)
+# the Triton tests run on CPU tensors under the interpreter; with it switched off, on a GPU
+TRITON_DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+needs_triton_device = pytest.mark.skipif(
+    TRITON_DEVICE == "cuda" and not torch.cuda.is_available(),
+    reason="TRITON_INTERPRET is off and there is no GPU")
 
 
 def _grads(module):
@@ -32,7 +37,8 @@ def test_param_count_formula_and_module():
     assert leviathan_param_count(200_376, 512) == 1_466_496
     gen = LeviathanGenerator(200_376, 512, tp_group=None)
     assert sum(p.numel() for p in gen.parameters()) == 1_466_496
-    for V, D, kw in [(1000, 24, SMALL), (50, 8, dict(coords=2, seed_dim=4, heads=4, knots=3, modes=5))]:
+    other = dict(coords=2, seed_dim=4, heads=4, knots=3, modes=5)
+    for V, D, kw in [(1000, 24, SMALL), (50, 8, other)]:
         gen = LeviathanGenerator(V, D, tp_group=None, **kw)
         assert sum(p.numel() for p in gen.parameters()) == leviathan_param_count(V, D, **kw)
 
@@ -51,8 +57,9 @@ def test_init_matches_spec():
     # same seed -> same model; another seed -> another
     again = LeviathanGenerator(200_376, 512, tp_group=None)
     assert torch.equal(again.spline_delta, gen.spline_delta)
-    other = LeviathanGenerator(1000, 8, tp_group=None, init_seed=1, **SMALL)
-    assert not torch.equal(other.codebooks, LeviathanGenerator(1000, 8, tp_group=None, **SMALL).codebooks)
+    seed0 = LeviathanGenerator(1000, 8, tp_group=None, **SMALL)
+    seed1 = LeviathanGenerator(1000, 8, tp_group=None, init_seed=1, **SMALL)
+    assert not torch.equal(seed0.codebooks, seed1.codebooks)
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -103,7 +110,7 @@ def test_float64_matches_naive_spec(sigmoid_scale, normalize):
     with torch.no_grad():                     # non-trivial LayerNorm affine and larger splines
         gen.norm_weight.normal_(1.0, 0.3)
         gen.norm_bias.normal_(0.0, 0.3)
-        gen.spline_delta.mul_(5.0)            # some phi < 0: exercises the sign handling
+        gen.spline_delta.mul_(20.0)           # some phi < 0: exercises the sign handling
     ids = torch.tensor([[3, 17, 39, 17], [5, 22, 3, 31]])
     w = torch.randn(*ids.shape, 8, dtype=torch.float64)
     out = gen(ids)
@@ -146,11 +153,16 @@ def test_distinct_ids_equal_per_position(vocab):
     ids = torch.randint(1, vocab, (4, 10))
     ids[1, :5] = ids[0, :5]                      # plenty of repeats
     w = torch.randn(4, 10, 12)
+    evaluated = []                               # rows the generator is evaluated on
+    partial_embed = gen.partial_embed
+    gen.partial_embed = lambda rows: evaluated.append(rows.numel()) or partial_embed(rows)
     out = gen(ids)
+    assert evaluated == [vocab if ids.numel() >= vocab else ids.unique().numel()]
+    assert evaluated[0] < ids.numel()
     (out * w).sum().backward()
     got = _grads(gen)
     _zero(gen)
-    per_position = gen.partial_embed(ids.reshape(-1)).view(4, 10, 12)   # no dedup at all
+    per_position = partial_embed(ids.reshape(-1)).view(4, 10, 12)   # no dedup at all
     (per_position * w).sum().backward()
     torch.testing.assert_close(out, per_position, rtol=1e-5, atol=1e-7)
     for name, g in _grads(gen).items():
@@ -228,15 +240,16 @@ def test_tensor_parallel_matches_single_rank(run_dist):
 
 # ----------------------------------------------------------------------------- Triton kernel
 
+@needs_triton_device
 @pytest.mark.parametrize("normalize", [False, True])
 def test_triton_kernel_matches_torch(normalize):
     from models.leviathan_triton import spline_modes_triton
     torch.manual_seed(2)
     # h=1 with 3 coordinates gives 2 id-chunks in the backward (partial dDelta reduction)
     for h, n, ds, kappa, r in [(2, 37, 5, 4, 6), (1, 70, 3, 16, 20)]:
-        t = torch.rand(h, n, ds).requires_grad_()
-        delta = (torch.randn(h, ds, kappa, r) * 0.3).requires_grad_()
-        g = torch.randn(h, n, r)
+        t = torch.rand(h, n, ds, device=TRITON_DEVICE).requires_grad_()
+        delta = (torch.randn(h, ds, kappa, r, device=TRITON_DEVICE) * 0.3).requires_grad_()
+        g = torch.randn(h, n, r, device=TRITON_DEVICE)
         M = spline_modes_triton(t, delta, normalize)
         (M * g).sum().backward()
         dt, dd = t.grad, delta.grad
@@ -250,6 +263,7 @@ def test_triton_kernel_matches_torch(normalize):
     torch.testing.assert_close(M2, ref[0].detach(), rtol=1e-5, atol=1e-6)
 
 
+@needs_triton_device
 def test_module_with_triton_matches_torch_path():
     torch.manual_seed(3)
     kw = dict(coords=2, seed_dim=4, heads=2, knots=6, modes=5)
@@ -257,8 +271,10 @@ def test_module_with_triton_matches_torch_path():
     plain = LeviathanGenerator(60, 8, tp_group=None, use_triton=False, **kw)
     auto = LeviathanGenerator(60, 8, tp_group=None, **kw)
     assert not auto._triton_for(torch.zeros(1))      # never selected on CPU by default
-    ids = torch.randint(1, 60, (3, 5))
-    w = torch.randn(3, 5, 8)
+    fast.to(TRITON_DEVICE)
+    plain.to(TRITON_DEVICE)
+    ids = torch.randint(1, 60, (3, 5), device=TRITON_DEVICE)
+    w = torch.randn(3, 5, 8, device=TRITON_DEVICE)
     outs, grads = [], []
     for gen in (fast, plain):
         out = gen(ids)
