@@ -5,7 +5,7 @@ reference with the same init seed; it writes the largest differences in outputs,
 parameter's gradient (its head slice of the reference's) and in materialize()."""
 import os
 
-from _common import write_result  # also puts the repo root on sys.path
+from _common import finish  # also puts the repo root on sys.path
 import torch
 import torch.distributed as dist
 
@@ -76,9 +76,7 @@ def main():
         results["bad_heads_error"] = None
     except ValueError as e:
         results["bad_heads_error"] = str(e)
-    write_result(results)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results)
 
 
 if __name__ == "__main__":
