@@ -10,7 +10,7 @@ they are. Both ranks run the same tokens.
 import torch
 import torch.distributed as dist
 
-from _common import write_result
+from _common import finish
 
 # Test-only: megatron's sequence-parallel all-gather / reduce-scatter allocate their buffers on
 # torch.cuda.current_device(); on a CPU machine that must be the CPU.
@@ -111,7 +111,7 @@ def main():
             loss_err=(loss2 - loss1).abs().max().item(), loss=loss1.mean().item(),
             grad_err=grad_err, params=names, pad_ok=pad_ok, tables_ok=bool(tables_ok),
             counts_ok=counts2 == model.param_counts())
-    write_result(result)
+    finish(result)
 
 
 if __name__ == "__main__":

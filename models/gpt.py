@@ -1,0 +1,436 @@
+"""A LLaMA-style decoder on megatron-core's tensor-parallel layers, readable top to bottom.
+
+    ids [b, s] -> embedding (dense vocab-parallel table, or the Leviathan generator)
+               -> num_layers x [ x + Attention(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ]
+               -> RMSNorm -> untied LM head (column-parallel over the padded vocabulary)
+               -> per-token loss [b, s] (vocab-parallel cross-entropy) or this rank's logits
+
+Tensor parallelism (TP) is Megatron's: QKV and gate/up are column-parallel (heads and FFN
+columns split across TP ranks), the attention output and down projections row-parallel (one
+all-reduce each), the vocabulary split across ranks in the input table and in the LM head.
+Inside the model activations are [s, b, h] (Megatron's layout); with ``sequence_parallel``
+the residual stream between the TP regions is [s/tp, b, h].
+
+Initialisation does not depend on TP: every weight is drawn in full from a CPU generator seeded
+by (init_seed, parameter name) and each rank copies in its own shard, so a TP=2 model is the
+TP=1 model split in two.
+
+The vocabulary is padded like Megatron's (a multiple of make_vocab_size_divisible_by * TP);
+the padded rows of the LM head get -inf logits, so they never win the softmax and get no
+gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember_ds.tables import mark_token_table
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration and presets
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_hidden_size: Optional[int] = None     # None: LLaMA's 8/3 * hidden, rounded up to 64
+    seq_length: int = 128
+    embedding: str = "dense"                  # "dense" | "leviathan"
+    leviathan: dict = field(default_factory=dict)   # extra LeviathanGenerator kwargs
+    make_vocab_size_divisible_by: int = 128
+    init_std: float = 0.02
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    params_dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = False
+    init_seed: int = 1234
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        if self.embedding not in ("dense", "leviathan"):
+            raise ValueError(f"embedding must be 'dense' or 'leviathan', got {self.embedding!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} does not divide hidden_size "
+                             f"{self.hidden_size}")
+        if isinstance(self.params_dtype, str):
+            self.params_dtype = getattr(torch, self.params_dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Megatron's padding: round the vocabulary up to a multiple of divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        if self.num_heads % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide num_heads "
+                             f"{self.num_heads}")
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide ffn_hidden_size "
+                             f"{self.ffn_hidden_size}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; presets: {', '.join(PRESETS)}")
+        kwargs = dict(PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+PRESETS = {
+    # trains on 2 CPU cores in minutes (with a small sentencepiece vocabulary)
+    "tiny": dict(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4,
+                 ffn_hidden_size=384, seq_length=128),
+    # the paper's / Pythia-like shapes (GPT-2 BPE vocabulary; override vocab_size for others)
+    "60m": dict(vocab_size=50257, hidden_size=512, num_layers=6, num_heads=8,
+                ffn_hidden_size=1408, seq_length=512),
+    "410m": dict(vocab_size=50257, hidden_size=1024, num_layers=24, num_heads=16,
+                 ffn_hidden_size=2816, seq_length=512),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------
+
+def _megatron_config(cfg: GPTConfig, tp: int):
+    from megatron.core import ModelParallelConfig
+    # Weights are created empty and filled by GPT._init_weights (TP-independent draws).
+    return ModelParallelConfig(tensor_model_parallel_size=tp,
+                               sequence_parallel=cfg.sequence_parallel and tp > 1,
+                               use_cpu_initialization=True, perform_initialization=False,
+                               params_dtype=cfg.params_dtype)
+
+
+def _no_init(_weight):  # megatron layers want an init_method; _init_weights does the work
+    pass
+
+
+def _split(layer, dim: int, stride: int = 1):
+    """Give a megatron layer's weight the tensor-parallel attributes (tensor_model_parallel,
+    partition_dim, partition_stride) that megatron only sets when it initialises the weight
+    itself (perform_initialization=True); Ember, DeepSpeed and _init_weights read them."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    if not hasattr(layer.weight, "partition_dim"):
+        set_tensor_model_parallel_attributes(layer.weight, True, dim, stride)
+    return layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype, sequence_parallel: bool, tp_group):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        # Under sequence parallelism each TP rank normalises a different part of the sequence,
+        # so the weight's gradient must be summed over the TP group: route the weight through
+        # megatron's copy_to_tensor_model_parallel_region (identity forward, all-reduce backward).
+        self.sequence_parallel = sequence_parallel
+        self.tp_group = tp_group
+
+    def forward(self, x):
+        w = self.weight
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+            w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * w.float()).to(x.dtype)
+
+
+def rope_tables(seq_length: int, head_dim: int, base: float):
+    """cos, sin [s, 1, 1, head_dim] for rotate-half rotary embeddings (LLaMA / GPT-NeoX)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: [s, b, heads, head_dim]."""
+    s = x.shape[0]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos[:s] + rotated * sin[:s]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, mcfg, tp: int, tp_group):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        D = cfg.hidden_size
+        self.local_heads = cfg.num_heads // tp
+        self.head_dim = cfg.head_dim
+        # Full weight [q; k; v] (3D x D); stride 3 gives each rank [q_r; k_r; v_r] of its heads.
+        self.qkv = _split(ColumnParallelLinear(D, 3 * D, config=mcfg, init_method=_no_init,
+                                               bias=False, gather_output=False, stride=3,
+                                               tp_group=tp_group), 0, 3)
+        self.proj = _split(RowParallelLinear(D, D, config=mcfg, init_method=_no_init, bias=False,
+                                             input_is_parallel=True, skip_bias_add=False,
+                                             tp_group=tp_group), 1)
+
+    def forward(self, x, cos, sin):
+        qkv, _ = self.qkv(x)                                   # [s, b, 3 * local_heads * hd]
+        s, b = qkv.shape[:2]
+        q, k, v = (t.reshape(s, b, self.local_heads, self.head_dim) for t in qkv.chunk(3, -1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # [b, heads, s, hd]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        out, _ = self.proj(y)                                  # all-reduce (or reduce-scatter)
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig, mcfg, tp_group):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        D, Fh = cfg.hidden_size, cfg.ffn_hidden_size
+        # Full weight [gate; up] (2F x D); stride 2 gives each rank [gate_r; up_r].
+        self.gate_up = _split(ColumnParallelLinear(D, 2 * Fh, config=mcfg, init_method=_no_init,
+                                                   bias=False, gather_output=False, stride=2,
+                                                   tp_group=tp_group), 0, 2)
+        self.down = _split(RowParallelLinear(Fh, D, config=mcfg, init_method=_no_init, bias=False,
+                                             input_is_parallel=True, skip_bias_add=False,
+                                             tp_group=tp_group), 1)
+
+    def forward(self, x):
+        gate_up, _ = self.gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, mcfg, tp: int, tp_group):
+        super().__init__()
+        sp = mcfg.sequence_parallel
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.params_dtype, sp, tp_group)
+        self.attn = Attention(cfg, mcfg, tp, tp_group)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.params_dtype, sp, tp_group)
+        self.mlp = SwiGLU(cfg, mcfg, tp_group)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    """LLaMA-style decoder. ``forward(input_ids [b, s], labels=None)`` returns the per-token
+    loss [b, s] (fp32) when labels are given, else this rank's logits [b, s, padded_vocab/tp]
+    (padded columns are -inf).
+
+    Uses megatron-core parallel_state's tensor-parallel group; when parallel_state is not
+    initialised, a TP=1 world over the default process group is set up. Parameters are built
+    on the CPU (params_dtype); move the model with ``.to(device)``.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        if not ps.model_parallel_is_initialized():
+            _init_tp1_world(cfg.init_seed)
+        self.cfg = cfg
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        cfg.check_tensor_parallel(self.tp)
+        self.sequence_parallel = cfg.sequence_parallel and self.tp > 1
+        if self.sequence_parallel and cfg.seq_length % self.tp:
+            raise ValueError(f"sequence parallelism needs TP {self.tp} to divide seq_length "
+                             f"{cfg.seq_length}")
+        mcfg = _megatron_config(cfg, self.tp)
+        self.padded_vocab = cfg.padded_vocab_size(self.tp)
+        self.vocab_per_rank = self.padded_vocab // self.tp
+        self.vocab_start = self.tp_rank * self.vocab_per_rank
+
+        self.embedding_kind = cfg.embedding
+        if cfg.embedding == "dense":
+            self.embedding = self._dense_embedding(mcfg)
+        else:
+            from models.leviathan import LeviathanGenerator
+            kw = dict(cfg.leviathan)
+            kw.setdefault("params_dtype", cfg.params_dtype)
+            kw.setdefault("init_seed", cfg.init_seed)
+            self.embedding = LeviathanGenerator(cfg.vocab_size, cfg.hidden_size,
+                                                tp_group=self.tp_group,
+                                                sequence_parallel=self.sequence_parallel, **kw)
+        self.layers = nn.ModuleList(Block(cfg, mcfg, self.tp, self.tp_group)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.params_dtype,
+                            self.sequence_parallel, self.tp_group)
+        self.lm_head = _split(ColumnParallelLinear(cfg.hidden_size, self.padded_vocab,
+                                                   config=mcfg, init_method=_no_init, bias=False,
+                                                   gather_output=False, tp_group=self.tp_group), 0)
+        self._mark_table(self.lm_head.weight, "lm_head.weight")
+        cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    # -- construction helpers -------------------------------------------------------------
+
+    def _dense_embedding(self, mcfg):
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+        emb = _split(VocabParallelEmbedding(self.padded_vocab, self.cfg.hidden_size,
+                                            init_method=_no_init, config=mcfg,
+                                            tp_group=self.tp_group,
+                                            reduce_scatter_embeddings=self.sequence_parallel), 0)
+        self._mark_table(emb.weight, "embedding.weight")
+        return emb
+
+    def _mark_table(self, weight, name):
+        mark_token_table(weight, global_rows=self.padded_vocab, row_offset=self.vocab_start,
+                         row_group=self.tp_group if self.tp > 1 else None, name=name)
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """Draw each weight in full from a generator seeded by (init_seed, name) and copy in this
+        rank's shard: the result does not depend on TP. Projections into the residual stream
+        get std / sqrt(2 * num_layers); norms 1; padded vocabulary rows 0. The Leviathan
+        generator initialises itself (from init_seed)."""
+        cfg = self.cfg
+        for name, p in self.named_parameters():
+            if name.startswith("embedding.") and self.embedding_kind == "leviathan":
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            std = cfg.init_std
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+            full_shape = list(p.shape)
+            dim = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) \
+                else -1
+            if dim >= 0:
+                full_shape[dim] *= self.tp
+            g = torch.Generator().manual_seed(_name_seed(cfg.init_seed, name))
+            if name in ("embedding.weight", "lm_head.weight"):
+                # draw the real rows only: the padding (which depends on TP) stays 0
+                full = torch.zeros(full_shape, dtype=torch.float32)
+                full[:cfg.vocab_size].normal_(0.0, std, generator=g)
+            else:
+                full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=g)
+            if dim >= 0:
+                full = shard(full, dim, self.tp_rank, self.tp, getattr(p, "partition_stride", 1))
+            p.copy_(full.to(p.dtype))
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def embed(self, input_ids):
+        """[b, s] ids -> [s, b, D] (under sequence parallelism [s/tp, b, D])."""
+        if self.embedding_kind == "dense" and self.sequence_parallel:
+            return self.embedding(input_ids)            # transposes and reduce-scatters itself
+        return self.embedding(input_ids.t().contiguous())
+
+    def forward(self, input_ids, labels=None):
+        """input_ids, labels: [b, s] token ids in [0, vocab_size) (mask unwanted positions in
+        the returned per-token loss). Sequence parallelism needs s divisible by TP."""
+        s = input_ids.shape[1]
+        if s > self.cfg.seq_length:
+            raise ValueError(f"sequence length {s} exceeds seq_length {self.cfg.seq_length}")
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin)
+        x = self.norm(x)
+        logits, _ = self.lm_head(x)                     # [s, b, padded_vocab / tp]
+        logits = self._mask_padded_vocab(logits)
+        if labels is None:
+            return logits.transpose(0, 1)
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        loss = vocab_parallel_cross_entropy(logits, labels.t().contiguous())   # [s, b] fp32
+        return loss.t()
+
+    def _mask_padded_vocab(self, logits):
+        """-inf on the padded vocabulary columns held by this rank (only the last ranks)."""
+        first_pad = self.cfg.vocab_size - self.vocab_start   # local index of the first pad
+        if first_pad >= self.vocab_per_rank:
+            return logits
+        mask = torch.arange(self.vocab_per_rank, device=logits.device) >= first_pad
+        return logits.masked_fill(mask, float("-inf"))
+
+    # -- accounting and export --------------------------------------------------------------
+
+    def param_counts(self) -> dict:
+        """Global parameter counts, independent of TP: embedding (the V x D table, or the
+        Leviathan generator), body (blocks + final norm) and head (V x D). The vocabulary
+        padding (zero rows, masked, never trained; its size depends on TP) is not counted."""
+        VD = self.cfg.vocab_size * self.cfg.hidden_size
+        if self.embedding_kind == "dense":
+            embedding = VD
+        else:
+            embedding = _global_numel(self.embedding.parameters(), self.tp)
+        body = _global_numel([p for n, p in self.named_parameters()
+                              if not n.startswith(("embedding.", "lm_head."))], self.tp)
+        return dict(embedding=embedding, body=body, head=VD)
+
+    @torch.no_grad()
+    def swap_embedding_for_table(self) -> None:
+        """Replace the Leviathan generator by a dense VocabParallelEmbedding holding
+        generator.materialize() (the inference export: the same logits, a standard table)."""
+        if self.embedding_kind != "leviathan":
+            raise ValueError("the model already has a dense embedding table")
+        table = self.embedding.materialize()               # [V, D], full on every rank
+        mcfg = _megatron_config(self.cfg, self.tp)
+        emb = self._dense_embedding(mcfg)
+        full = torch.zeros(self.padded_vocab, self.cfg.hidden_size, dtype=torch.float32)
+        full[:self.cfg.vocab_size] = table.detach().float().cpu()
+        emb.weight.copy_(full[self.vocab_start:self.vocab_start + self.vocab_per_rank])
+        emb.to(device=table.device)
+        self.embedding = emb
+        self.embedding_kind = "dense"
+        self.cfg = dataclasses.replace(self.cfg, embedding="dense")   # rebuilds as exported
+
+
+def _init_tp1_world(seed: int) -> None:
+    """megatron parallel_state with TP = 1 over the default process group (a world of one
+    for a plain process), RNG trackers seeded without touching torch.cuda."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from models.parallel import init_distributed
+    init_distributed()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
+
+
+def shard(full: torch.Tensor, dim: int, rank: int, world: int, stride: int = 1):
+    """This rank's piece of ``full`` split along ``dim`` like megatron-core: ``stride`` *
+    ``world`` equal chunks, rank r taking chunks r, r + world, ... (stride > 1 for fused
+    projections such as [q; k; v] or [gate; up])."""
+    chunks = torch.chunk(full, stride * world, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim).contiguous()
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+def _global_numel(params, tp: int) -> int:
+    """Sum of full (unsharded) sizes: megatron tensor-parallel params count tp times."""
+    total = 0
+    for p in params:
+        split = getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", -1) >= 0
+        total += p.numel() * (tp if split else 1)
+    return total
