@@ -907,4 +907,9 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    rc = cli()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: gloo / DeepSpeed threads can abort in atexit handlers
+    # after a clean run, which launchers would report as a failed rank.
+    os._exit(rc)
