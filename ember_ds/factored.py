@@ -35,9 +35,19 @@ def piece_stats(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor) -> 
     if _use_triton(g):
         from .triton_kernels import piece_stats_triton
         return piece_stats_triton(g, rowsum, colsum)
-    step = _chunk_rows(*g.shape)
-    for r0 in range(0, g.shape[0], step):
-        q = g[r0:r0 + step].float().square()
+    rows, cols = g.shape
+    step = _chunk_rows(rows, cols)
+    # one fp32 chunk buffer for the whole call, filled with out= ops: a fresh chunk-sized
+    # tensor per chunk costs a round of page faults each time on CPU (and briefly two chunks
+    # alive at once); the values are the same as g[...].float().square()
+    buf = torch.empty(min(step, rows) * cols, dtype=torch.float32, device=g.device)
+    for r0 in range(0, rows, step):
+        gc = g[r0:r0 + step]
+        q = buf[:gc.numel()].view(gc.shape)
+        if gc.dtype == torch.float32:
+            torch.square(gc, out=q)
+        else:
+            q.copy_(gc).square_()
         rowsum[r0:r0 + step] += q.sum(dim=1)
         colsum += q.sum(dim=0)
 
@@ -50,13 +60,26 @@ def piece_update(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Ten
     if _use_triton(g):
         from .triton_kernels import piece_update_triton
         return piece_update_triton(w, g, a, b, lr, eps, decay)
-    step = _chunk_rows(*g.shape)
-    for r0 in range(0, g.shape[0], step):
+    rows, cols = g.shape
+    low = not (w.dtype == torch.float32 and g.dtype == torch.float32)
+    # elementwise: the chunking does not change the values. Low precision needs a second fp32
+    # buffer (w in fp32), so its chunks are half as tall and the transient stays the same.
+    step = _chunk_rows(rows, cols)
+    if low:
+        step = max(1, step // 2)
+    n = min(step, rows) * cols
+    dbuf = torch.empty(n, dtype=torch.float32, device=g.device)
+    wbuf = torch.empty(n, dtype=torch.float32, device=g.device) if low else None
+    for r0 in range(0, rows, step):
         wc, gc = w[r0:r0 + step], g[r0:r0 + step]
-        denom = torch.outer(a[r0:r0 + step], b).add_(eps)
+        denom = torch.outer(a[r0:r0 + step], b, out=dbuf[:gc.numel()].view(gc.shape)).add_(eps)
         if decay != 1.0:
             wc.mul_(decay)
-        if wc.dtype == torch.float32 and gc.dtype == torch.float32:
+        if not low:
             wc.addcdiv_(gc, denom, value=-lr)
         else:  # low-precision weights: compute in fp32, round once
-            wc.copy_(wc.float().addcdiv_(gc.float(), denom, value=-lr))
+            wf = wbuf[:gc.numel()].view(gc.shape).copy_(wc)
+            # a bf16/fp16 g is upcast exactly inside addcdiv_ (fp32 compute); anything wider is
+            # cast to fp32 first, as g.float() would
+            g32 = gc if gc.dtype in (torch.bfloat16, torch.float16) else gc.float()
+            wc.copy_(wf.addcdiv_(g32, denom, value=-lr))

@@ -7,13 +7,16 @@
     writes its partial column sums to row m of a ``[row programs, cols]`` fp32 buffer, and its
     row sums either straight into ``rowsum`` (one column block) or to row n of a
     ``[column blocks, rows]`` buffer. ``colsum += part.sum(0)`` and ``rowsum += rowpart.sum(0)``
-    (torch reductions in a fixed order) finish. Both buffers stay far below 1/8 of the piece
-    (see ``_stats_plan``), and the whole call is bitwise reproducible for a fixed shape and
-    device.
+    (torch reductions in a fixed order) finish. For a block of whole rows both buffers stay
+    far below 1/8 of the piece (see ``_stats_plan``); for a partial row [1, n] they hold
+    n + n/256 floats (less than one table row). The call is bitwise reproducible for a fixed
+    shape and device.
 
 ``piece_update_triton(w, g, a, b, lr, eps, decay)``
     w <- w*decay - lr * g / (a_i*b_j + eps) in place, computed in fp32 and rounded once to w's
-    dtype. A pure elementwise 2-D tiled kernel: no temporaries.
+    dtype. A pure elementwise 2-D tiled kernel: no temporaries. The fp32 operations follow the
+    torch CPU path's order, (w*decay) + ((-lr)*g) / (a_i*b_j + eps), with IEEE division and FMA
+    contraction off, so fp32 results match it (bitwise under the interpreter on this CPU).
 
 ``g`` and ``w`` are 2-D views [rows, cols] of any float dtype (fp32 / bf16 / fp16) with
 arbitrary strides (typically a block of whole rows with row stride = the table's width, or a
@@ -22,7 +25,9 @@ tables above 2**31 elements are fine.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (used by the tests). Note that
 the interpreter rounds fp32 -> bf16 stores by truncation, while compiled CUDA rounds to nearest
-even (as torch does), so interpreted bf16 results may differ from torch by one bf16 ulp.
+even (as torch does), so interpreted bf16 results may differ from torch by one bf16 ulp. For
+low-precision weights with decay != 1 the torch path rounds w*decay to the weight dtype before
+the update (two roundings); these kernels round once.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ _MAX_BLOCK_N = 256
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def available() -> bool:
@@ -144,8 +149,9 @@ if _HAVE_TRITON:
         w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         denom = a[:, None] * b[None, :] + eps
-        # same order as the torch path: (w*decay) + (-lr) * (g / denom), IEEE division
-        new = w * decay + (-lr) * tl.div_rn(g, denom)
+        # same order as the torch CPU path (w.mul_(decay), then addcdiv_: w + (value*g)/denom),
+        # with IEEE-rounded division
+        new = w * decay + tl.div_rn(-lr * g, denom)
         tl.store(w_ptrs, new.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -204,7 +210,8 @@ def piece_stats_triton(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tens
     _stats_kernel[(progs, col_blocks)](
         g, rowout, part, rows, cols, rows_per_prog,
         g.stride(0), g.stride(1), stride_b, stride_r,
-        BLOCK_M=block_m, BLOCK_N=block_n, ADD_ROWS=col_blocks == 1, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, ADD_ROWS=col_blocks == 1, num_warps=4,
+        enable_fp_fusion=False)
     if col_blocks > 1:
         rowsum.add_(rowout.sum(dim=0))
     colsum.add_(part[0] if progs == 1 else part.sum(dim=0))
@@ -229,4 +236,4 @@ def piece_update_triton(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: to
         w, g, a, b, rows, cols,
         w.stride(0), w.stride(1), g.stride(0), g.stride(1), a.stride(0), b.stride(0),
         float(lr), float(eps), float(decay),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, enable_fp_fusion=False)
