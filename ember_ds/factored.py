@@ -73,12 +73,14 @@ def piece_update(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Ten
     for r0 in range(0, rows, step):
         wc, gc = w[r0:r0 + step], g[r0:r0 + step]
         denom = torch.outer(a[r0:r0 + step], b, out=dbuf[:gc.numel()].view(gc.shape)).add_(eps)
-        if decay != 1.0:
-            wc.mul_(decay)
         if not low:
+            if decay != 1.0:
+                wc.mul_(decay)
             wc.addcdiv_(gc, denom, value=-lr)
-        else:  # low-precision weights: compute in fp32, round once
+        else:  # low-precision weights: decay and update in fp32, round once (as the kernel)
             wf = wbuf[:gc.numel()].view(gc.shape).copy_(wc)
+            if decay != 1.0:
+                wf.mul_(decay)
             # a bf16/fp16 g is upcast exactly inside addcdiv_ (fp32 compute); anything wider is
             # cast to fp32 first, as g.float() would
             g32 = gc if gc.dtype in (torch.bfloat16, torch.float16) else gc.float()
