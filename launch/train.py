@@ -660,6 +660,7 @@ def main(argv=None) -> dict:
     _quiet_libraries(args.verbose)
     if not cuda:
         disable_cpu_shm_build()
+        torch.set_flush_denormal(True)   # subnormal floats can slow CPU kernels 10-100x
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != args.tp:
         destroy_model_parallel()
     _init_parallel(args.tp, args.seed, init_model_parallel)

@@ -6,8 +6,10 @@ and a tiny model (the "tiny" preset shrunk through --model overrides), a few ste
   bf16 / GPU files are validated only on a machine without a GPU, and run when one is present),
   plus TP = 2 matching TP = 1;
 - plain ``python`` (one process): the metrics CSV, summary and loss plot;
-- one node with 2 ranks (deepspeed launcher) == two torchrun "nodes" on loopback
-  (--nnodes 2 --node_rank 0/1 --nproc_per_node 1), step for step;
+- one node with 2 ranks (deepspeed launcher) == two "nodes" on loopback, step for step, through
+  launch/multinode/torchrun_multinode.sh (torchrun --nnodes 2 --node_rank 0/1
+  --nproc_per_node 1), deepspeed_no_ssh.sh and slurm.sbatch (with stand-ins for srun/scontrol);
+  deepspeed_hostfile.sh (ssh/pdsh) is not run: it needs ssh between hosts;
 - a run killed while saving a checkpoint resumes from the previous complete checkpoint and
   continues with the uninterrupted run's losses (fp32, ZeRO 2, 2 ranks);
 - launch/quickstart.sh end to end with its knobs turned down.
@@ -55,7 +57,8 @@ def common(tiny, out, steps, config="ember_zero2_fp32.json", *extra):
 
 def env(**extra):
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     e.pop("EMBER_TEST_CRASH_IN_SAVE", None)
     e.update(extra)
     return e
@@ -229,16 +232,53 @@ def reference(tiny, tmp_path_factory):
     return s
 
 
+SRUN_STUB = """#!/usr/bin/env bash
+# test stand-in for srun: options are skipped, the command runs once per node, here
+while [[ "${1:-}" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do
+  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NTASKS=$SLURM_NNODES "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
 @pytest.mark.dist
-def test_two_torchrun_nodes_match_one_node(tiny, tmp_path, reference):
+@pytest.mark.parametrize("how", ["torchrun", "deepspeed_no_ssh", "slurm"])
+def test_two_nodes_match_one_node(how, tiny, tmp_path, reference):
+    """Two single-rank "nodes" on loopback through the launch/multinode scripts train step for
+    step like one node with 2 ranks: torchrun_multinode.sh (torchrun --nnodes 2 --node_rank 0/1
+    --nproc_per_node 1, same master), deepspeed_no_ssh.sh (deepspeed --hostfile --no_ssh
+    --node_rank 0/1) and slurm.sbatch (its torchrun mode, under stand-ins for srun / scontrol)."""
     out = tmp_path / "two_nodes"
-    port = free_port()
     args = common(tiny, out, 6, "ember_zero2_fp32.json", "--eval-interval", "3")
-    procs = [subprocess.Popen(torchrun(1, args, nnodes=2, node_rank=r, port=port), cwd=ROOT,
-                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(2)]
+    base = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), EMBER_NO_SETUP="1",
+                NPROC_PER_NODE="1")
+    if how == "slurm":
+        stub = tmp_path / "bin"
+        stub.mkdir()
+        (stub / "srun").write_text(SRUN_STUB)
+        (stub / "scontrol").write_text('#!/usr/bin/env bash\nprintf "127.0.0.1\\nlocalhost\\n"\n')
+        for f in stub.iterdir():
+            f.chmod(0o755)
+        base.pop("MASTER_ADDR")
+        cmds = [(["bash", "launch/multinode/slurm.sbatch", *args],
+                 env(**base, SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="n[1-2]",
+                     SLURM_NNODES="2", PATH=f"{stub}{os.pathsep}{env()['PATH']}"))]
+    else:
+        script = {"torchrun": "torchrun_multinode.sh", "deepspeed_no_ssh": "deepspeed_no_ssh.sh"}
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+        cmds = [(["bash", f"launch/multinode/{script[how]}", *args],
+                 env(**base, NNODES="2", NODE_RANK=str(r), HOSTFILE=str(hostfile)))
+                for r in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, e in cmds]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(x[-4000:] for x in logs)
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-4000:] for x in logs)
     s = summary(out)
     assert s["world"] == 2 and s["dp"] == 2
     assert close(s["train_losses"], reference["train_losses"], rtol=1e-6), \
@@ -277,7 +317,7 @@ def test_quickstart_script(tiny, tmp_path):
     corpus, cache = tiny
     proc = run(["bash", str(ROOT / "launch" / "quickstart.sh")], timeout=300,
                QUICKSTART_STEPS="3", QUICKSTART_DATA=str(corpus), QUICKSTART_VOCAB="256",
-               QUICKSTART_OUT=str(tmp_path / "qs"), EMBER_DATA_CACHE=str(cache),
+               QUICKSTART_OUT=str(tmp_path / "qs"), EMBER_DATA_CACHE=str(cache), EMBER_NO_SETUP="1",
                QUICKSTART_ARGS=" ".join(MODEL[2:]))
     out = proc.stdout
     assert "validation loss before" in out and "validation loss after" in out
