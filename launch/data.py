@@ -569,13 +569,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text files / folders (.txt .md .jsonl, optionally .gz .xz .bz2); "
                         "default: the shipped corpus launch/corpus/kjv.txt.xz")
-    g.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece vocabulary size")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="bpe")
+    g.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece vocabulary size (default 8192)")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="bpe",
+                   help="SentencePiece model type (default bpe)")
     g.add_argument("--tokenizer", default=None, help="use this SentencePiece .model instead of "
                    "training one")
     g.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of documents held out for validation")
-    g.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl files")
+                   help="share of documents held out for validation (default 0.05)")
+    g.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl files (default text)")
     g.add_argument("--cache-dir", default=None,
                    help="where prepared data is cached (default $EMBER_DATA_CACHE or "
                         "~/.cache/ember_ds/data)")

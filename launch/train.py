@@ -44,6 +44,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
+warnings.filterwarnings("ignore", message="The value of the smallest subnormal")  # flush-denormal
 
 from launch.data import (DataError, DataSettings, DeterministicSampler, TokenWindows,  # noqa: E402
                          add_data_args, eval_indices, prepare_data)
@@ -76,14 +77,15 @@ def _key_value(s: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Pretrain a GPT (dense or Leviathan embedding) with DeepSpeed; runs the same "
-                    "under python, torchrun and the deepspeed launcher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "under python, torchrun and the deepspeed launcher. docs/LAUNCH.md has "
+                    "the details.")
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", help="GPT preset of models/gpt.py: tiny, 60m, 410m")
+    m.add_argument("--preset", default="tiny", help="GPT preset of models/gpt.py: tiny (default), 60m, 410m")
     m.add_argument("--embedding", choices=("dense", "leviathan"), default="leviathan",
-                   help="input embedding: a dense vocab-parallel table or the Leviathan generator")
+                   help="input embedding: a dense vocab-parallel table or the Leviathan generator "
+                        "(default)")
     m.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides world size "
-                   "and num_heads); the rest of the world is data parallel")
+                   "and num_heads; default 1); the rest of the world is data parallel")
     m.add_argument("--model", dest="model_overrides", action="append", type=_key_value,
                    default=[], metavar="KEY=VALUE",
                    help="override a GPTConfig field, e.g. --model hidden_size=64 --model "
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--split-seed", type=int, default=1234,
                    help="seed of the train/validation document split and tokenizer training "
-                        "(kept apart from --seed so the cache survives a seed change)")
+                        "(default 1234; kept apart from --seed so the cache survives a seed change)")
     t = p.add_argument_group("schedule")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
@@ -109,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on this many tokens instead (rounded up to whole steps)")
     t.add_argument("--eval-interval", type=int, default=50,
                    help="validate every N steps (and always before the first and after the last "
-                        "step); 0: only before and after")
+                        "step; default 50); 0: only before and after")
     t.add_argument("--eval-samples", type=int, default=64,
-                   help="validation windows (of seq_length tokens) per evaluation")
+                   help="validation windows (of seq_length tokens) per evaluation (default 64)")
     t.add_argument("--time-limit", type=float, default=0.0,
                    help="stop cleanly (evaluate, save) after this many minutes; 0: no limit")
     t.add_argument("--seed", type=int, default=1234,
-                   help="seeds weight init (GPTConfig.init_seed) and the sample order")
+                   help="seeds weight init (GPTConfig.init_seed) and the sample order "
+                   "(default 1234)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None,
                    help="run folder for metrics.csv, summary.json, loss.png, TensorBoard "
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save", default=None, help="checkpoint folder (shared by all nodes)")
     o.add_argument("--save-interval", type=int, default=0,
                    help="checkpoint every N steps (and always at the end when --save is given)")
-    o.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
+    o.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep (default 2)")
     o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
                    help="resume from the latest complete checkpoint in DIR (no DIR: the --save "
                         "folder; starts fresh when that holds none)")
