@@ -6,7 +6,7 @@
 #   bash launch/quickstart.sh
 #
 # CPU (no GPU visible): one process, fp32 (ds_configs/ember_zero1_fp32.json); 600 steps take about
-# 4 minutes on 2 idle cores; the training loop is capped at QUICKSTART_MINUTES (default 6), so the
+# 3 minutes on 2 idle cores; the training loop is capped at QUICKSTART_MINUTES (default 6), so the
 # whole script stays under 10 minutes even on a busy machine (plus about a minute the first time,
 # when setup_env.sh creates .venv).
 # GPU: torchrun over every visible GPU, bf16 (ds_configs/ember_zero1_bf16.json).

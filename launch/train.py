@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")  # flush-denormal
 
 from launch.data import (DataError, DataSettings, DeterministicSampler, TokenWindows,  # noqa: E402
-                         add_data_args, eval_indices, prepare_data)
+                         add_data_args, eval_indices, prepare_data, resolve_inputs)
 
 DS_CONFIG_DIR = ROOT / "ds_configs"
 CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "body_lr",
@@ -650,6 +650,7 @@ def main(argv=None) -> dict:
                             val_fraction=args.val_fraction, split_seed=args.split_seed,
                             jsonl_key=args.jsonl_key, tokenizer=args.tokenizer)
     settings.check()
+    resolve_inputs(args.data)           # missing paths / empty folders: fail before start-up
 
     # 2. process groups (megatron TP groups; DeepSpeed reuses the default group)
     import deepspeed
@@ -671,11 +672,19 @@ def main(argv=None) -> dict:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    # 3. data: one builder per node (local rank 0), the rest wait, then all check they agree
+    # 3. data: one builder per node (local rank 0), the rest wait, then all check they agree;
+    #    a data error on any node stops every rank with that message (no rank left waiting)
+    failure = None
     if local_rank == 0:
-        prepared = prepare_data(args.data, args.cache_dir, settings,
-                                log=lambda m: _log(m.replace("[data] ", "data: "), 0))
-    dist.barrier()
+        try:
+            prepared = prepare_data(args.data, args.cache_dir, settings,
+                                    log=lambda m: _log(m.replace("[data] ", "data: "), 0))
+        except DataError as e:
+            failure = str(e)
+    failures = [None] * world
+    dist.all_gather_object(failures, failure)
+    if any(failures):
+        raise DataError(next(f for f in failures if f))
     if local_rank != 0:
         prepared = prepare_data(args.data, args.cache_dir, settings, log=lambda m: None)
     digests = [None] * world

@@ -153,6 +153,20 @@ def test_cli_reports_settings_errors_quickly(tmp_path):
     assert time.time() - t0 < 60
 
 
+@pytest.mark.dist
+def test_bad_data_stops_every_rank(tmp_path):
+    """A data error found by the rank that prepares the data stops all ranks with its message
+    (nobody is left waiting in a barrier)."""
+    bad = tmp_path / "scan.txt"
+    bad.write_bytes(b"%PDF-1.4\n\x00\x01\x02" * 40)
+    t0 = time.time()
+    proc = run(torchrun(2, ["--data", str(bad), "--cache-dir", str(tmp_path / "cache"),
+                            "--no-progress"]), ok=False, timeout=120)
+    assert proc.returncode != 0
+    assert f"error: {bad} looks like a binary file" in proc.stderr + proc.stdout
+    assert time.time() - t0 < 90
+
+
 def test_ds_configs_are_complete():
     names = {p.stem for p in CONFIGS}
     for stage in (1, 2, 3):
