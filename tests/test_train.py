@@ -126,9 +126,11 @@ def test_settings_resolve_and_fill_in(tmp_path):
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
     assert ds["scheduler"]["params"]["total_num_steps"] == plan["steps"]
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 2
-    no_sched = {k: v for k, v in T.load_ds_config(
-        ROOT / "ds_configs" / "adamw_zero1_fp32.json").items() if k != "scheduler"}
-    assert T.finalize_ds_config(no_sched, plan)["scheduler"]["type"] == "WarmupCosineLR"
+    own = T.load_ds_config(ROOT / "ds_configs" / "adamw_zero1_fp32.json")
+    own["scheduler"] = {"type": "WarmupCosineLR",
+                        "params": {"total_num_steps": "auto", "warmup_num_steps": 5}}
+    params = T.finalize_ds_config(own, plan)["scheduler"]["params"]
+    assert params["total_num_steps"] == plan["steps"] and params["warmup_num_steps"] == 5
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(T.ConfigError, match="not valid JSON"):
@@ -179,6 +181,7 @@ def test_ds_configs_are_complete():
         if cfg["optimizer"]["type"] == "AdamW":
             assert cfg["optimizer"]["params"].get("torch_adam") is True, p.name
         assert ("bf16" in p.stem) == cfg["bf16"]["enabled"], p.name
+        assert "auto" not in p.read_text(), p.name     # usable as is by deepspeed.initialize
         assert f"zero{cfg['zero_optimization']['stage']}" in p.stem, p.name
 
 
