@@ -667,7 +667,7 @@ def main(argv=None) -> dict:
         torch.set_flush_denormal(True)   # subnormal floats can slow CPU kernels 10-100x
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != args.tp:
         destroy_model_parallel()
-    _init_parallel(args.tp, args.seed, init_model_parallel)
+    init_model_parallel(args.tp, seed=args.seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -850,25 +850,6 @@ def main(argv=None) -> dict:
         engine.destroy()
     dist.barrier()
     return summary
-
-
-def _init_parallel(tp: int, seed: int, init_model_parallel) -> None:
-    """models.parallel.init_model_parallel, or the same steps here if that version fails
-    (its 'tensor_parallel' argument was shadowed by a module import in an early revision)."""
-    try:
-        init_model_parallel(tp, seed=seed)
-        return
-    except TypeError:
-        pass
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from models.parallel import init_distributed
-    init_distributed()
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
 
 
 def _train_state(args, plan, prepared, gcfg) -> dict:
