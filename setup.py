@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ember_ds", "ember_ds.*", "models", "models.*",
                                     "launch", "launch.*"]),
-    package_data={"launch": ["corpus/*", "*.sh", "*.sbatch", "hostfile.example"]},
+    package_data={"launch": ["corpus/*", "*.sh", "multinode/*"]},
     install_requires=[
         "torch>=2.4,<2.14",
         "deepspeed>=0.19.5,<0.20",
