@@ -4,14 +4,17 @@
     python bench/bench_leviathan.py --presets tiny 60m --steps 10 --out results.json
 
 For each preset the GPT is built once with embedding="dense" (a VocabParallelEmbedding) and
-once per Leviathan variant (default: the spec's generator, d_s=128 h=8 kappa=16 r=64, and a
-scaled-down one, d_s=32 h=4 kappa=16 r=32; --leviathan-json to choose), everything else
-identical. One training step = forward + backward + AdamW step on a fixed batch of token ids;
-after warm-up steps the median of the timed steps is reported, plus the input embedding's own
-forward + backward. The tokens are drawn from a Zipf(1.1) distribution over the vocabulary by
-default (like text: many repeats, and the generator is evaluated once per distinct id), or
-uniformly (--tokens uniform, the worst case: almost every id distinct). The models are timed
-in alternation so that machine noise hits them alike.
+once per Leviathan variant, everything else identical. Default variants: "spec", the spec's
+generator (d_s=128 h=8 kappa=16 r=64), and "preset", the generator the preset itself sets
+(PRESETS[preset]["leviathan"], e.g. the tiny preset's D-scaled one) where it sets one;
+--leviathan-json to choose others. One training step = forward + backward + AdamW step on a
+fixed batch of token ids; after warm-up steps the median of the timed steps is reported, plus
+the input embedding's own forward + backward and the memory autograd keeps for its backward
+(the storages saved during the embedding's forward, parameters excluded). The tokens are drawn
+from a Zipf(1.1) distribution over the vocabulary by default (like text: many repeats, and the
+generator is evaluated once per distinct id), or uniformly (--tokens uniform, the worst case:
+almost every id distinct). The models are timed in alternation so that machine noise hits them
+alike.
 
 Prints a table and writes JSON (default bench/results/leviathan_<device>.json).
 """
@@ -50,13 +53,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-SCALED = {"seed_dim": 32, "heads": 4, "knots": 16, "modes": 32}
+def default_variants(preset: str) -> dict:
+    """The spec's generator, and the preset's own where it sets one (label -> kwargs)."""
+    from models.gpt import PRESETS
+    variants = {"spec": {}}
+    own = dict(PRESETS[preset].get("leviathan") or {})
+    if own:
+        variants["preset"] = own
+    return variants
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while fn() runs (parameters excluded)."""
+    seen = {}
+
+    def pack(x):
+        if not isinstance(x, torch.nn.Parameter):
+            st = x.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(seen.values())
 
 
 def bench_preset(preset: str, args, device, variants: dict) -> dict:
     """Time the dense GPT and one Leviathan GPT per variant (label -> generator kwargs)."""
     from models.gpt import GPT, GPTConfig
     from models.leviathan import leviathan_param_count
+
+    variants = variants or default_variants(preset)
 
     overrides = {}
     if args.vocab_size:
@@ -102,6 +129,8 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
             if i >= args.warmup:
                 times[name].append(t1 - t0)
                 emb_times[name].append(t2 - t1)
+    saved = {name: saved_for_backward_bytes(lambda m=m: m.embed(inputs))
+             for name, m in models.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     emb_med = {k: statistics.median(v) for k, v in emb_times.items()}
     rows = []
@@ -115,6 +144,7 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
             generator_params_formula=leviathan_param_count(cfg.vocab_size, cfg.hidden_size,
                                                            **lev_kw),
             step_s=med[name], step_s_all=times[name], embed_fwd_bwd_s=emb_med[name],
+            embed_fwd_bwd_s_all=emb_times[name], embed_saved_bytes=saved[name],
             overhead=med[name] / med["dense"] - 1.0))
     return dict(
         preset=preset, vocab_size=cfg.vocab_size, padded_vocab=models["dense"].padded_vocab,
@@ -124,7 +154,8 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
         table_params=cfg.vocab_size * cfg.hidden_size,
         dense_model_params=models["dense"].param_counts(),
         dense=dict(step_s=med["dense"], step_s_all=times["dense"],
-                   embed_fwd_bwd_s=emb_med["dense"]),
+                   embed_fwd_bwd_s=emb_med["dense"], embed_fwd_bwd_s_all=emb_times["dense"],
+                   embed_saved_bytes=saved["dense"]),
         leviathan=rows)
 
 
@@ -139,7 +170,7 @@ def main(argv=None):
     ap.add_argument("--tokens", choices=("zipf", "uniform"), default="zipf")
     ap.add_argument("--leviathan-json", action="append", default=None,
                     help='generator kwargs as JSON (repeatable), e.g. \'{"heads": 4}\'; '
-                         'default: the spec defaults ({}) and a scaled-down one')
+                         "default: the spec defaults ({}) and the preset's own generator")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--bf16", action="store_true", help="bf16 parameters on CUDA")
     ap.add_argument("--out", default=None)
@@ -147,24 +178,22 @@ def main(argv=None):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     presets = args.presets or (["tiny", "60m"] if device.type == "cuda" else ["tiny"])
-    if args.leviathan_json:
-        variants = {j: json.loads(j) for j in args.leviathan_json}
-    else:
-        variants = {"spec": {}, "scaled": dict(SCALED)}
+    variants = {j: json.loads(j) for j in args.leviathan_json or []}   # {}: per-preset default
     torch.manual_seed(0)
     results = [bench_preset(p, args, device, variants) for p in presets]
 
     print(f"\ndevice {device} ({_device_name(device)}), torch threads {torch.get_num_threads()}, "
           f"tokens {args.tokens}, median of {args.steps} steps after {args.warmup} warm-up")
     head = (f"{'preset':7} {'embedding':34} {'tokens':>6} {'distinct':>8} {'params':>10} "
-            f"{'step':>9} {'overhead':>9} {'emb fwd+bwd':>12}")
+            f"{'step':>9} {'overhead':>9} {'emb fwd+bwd':>12} {'emb saved':>10}")
     print(head)
     print("-" * len(head))
     for r in results:
         d = r["dense"]
         print(f"{r['preset']:7} {'dense table':34} {r['tokens_per_step']:6d} "
               f"{r['distinct_ids']:8d} {r['table_params']:10,d} {d['step_s'] * 1e3:7.1f}ms "
-              f"{'':>9} {d['embed_fwd_bwd_s'] * 1e3:10.1f}ms")
+              f"{'':>9} {d['embed_fwd_bwd_s'] * 1e3:10.1f}ms "
+              f"{d['embed_saved_bytes'] / 2**20:7.1f}MiB")
         for v in r["leviathan"]:
             label = f"leviathan {v['variant']}"
             if v["leviathan_kwargs"] and v["variant"] != json.dumps(v["leviathan_kwargs"]):
@@ -172,7 +201,8 @@ def main(argv=None):
             print(f"{r['preset']:7} {label[:34]:34} {r['tokens_per_step']:6d} "
                   f"{r['distinct_ids']:8d} {v['generator_params']:10,d} "
                   f"{v['step_s'] * 1e3:7.1f}ms {v['overhead'] * 100:8.1f}% "
-                  f"{v['embed_fwd_bwd_s'] * 1e3:10.1f}ms")
+                  f"{v['embed_fwd_bwd_s'] * 1e3:10.1f}ms "
+                  f"{v['embed_saved_bytes'] / 2**20:7.1f}MiB")
 
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"leviathan_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,13 @@ class GPTConfig:
 PRESETS = {
     # trains on 2 CPU cores in minutes (with a small sentencepiece vocabulary)
     "tiny": dict(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4,
-                 ffn_hidden_size=384, seq_length=128),
+                 ffn_hidden_size=384, seq_length=128,
+                 # Leviathan generator scaled to D = 128: d_s = D/4 and r = D/8 as in the spec
+                 # (128 and 64 at D = 512), h = 8 and kappa = 16 kept. 92,640 parameters, 11x
+                 # fewer than the 8192 x 128 table, about +3% step time on CPU (bench/results/
+                 # leviathan_cpu.json). The spec defaults are sized for D >= 512 (60m, 410m keep
+                 # them): here they would outgrow the table (1.26M) and cost ~+50% per step.
+                 leviathan=dict(seed_dim=32, heads=8, knots=16, modes=16)),
     # the paper's / Pythia-like shapes (GPT-2 BPE vocabulary; override vocab_size for others)
     "60m": dict(vocab_size=50257, hidden_size=512, num_layers=6, num_heads=8,
                 ffn_hidden_size=1408, seq_length=512),

@@ -144,6 +144,102 @@ def test_spline_modes_handles_sign_and_long_products():
                                rtol=1e-3, atol=0)
 
 
+# ----------------------------------------------------------------------------- fast torch path
+
+def _modes_and_grads(fn, t, delta, g, normalize=False):
+    t = t.detach().clone().requires_grad_()
+    delta = delta.detach().clone().requires_grad_()
+    M = fn(t, delta, normalize)
+    (M * g).sum().backward()
+    return M.detach(), t.grad, delta.grad
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Work sizes so small that small tensors span several id ranges, chunks and blocks."""
+    import models.leviathan as lev
+    monkeypatch.setattr(lev, "_BLOCK", 192)
+    monkeypatch.setattr(lev, "_CHUNK", 48)
+    return lev
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("shape", [(2, 37, 9, 5, 6), (3, 29, 3, 4, 7), (1, 23, 17, 16, 3)])
+def test_blocked_spline_modes_match_definition(tiny_blocks, shape, normalize):
+    """The blocked torch path (3-knot basis, grouped log-product, hand-written backward) equals
+    the plain definition, values and gradients, however the work is split."""
+    lev = tiny_blocks
+    h, n, ds, kappa, r = shape
+    torch.manual_seed(4)
+    t = torch.rand(h, n, ds, dtype=torch.float64)
+    t[0, 0, :2] = torch.tensor([0.0, 1.0], dtype=torch.float64)   # the ends of the knot range
+    delta = torch.randn(h, ds, kappa, r, dtype=torch.float64) * 2.0      # negative factors too
+    g = torch.randn(h, n, r, dtype=torch.float64)
+    blocks = lev._Blocks(t, kappa, r, normalize, grad=True)
+    assert blocks.nb < n and sum(len(c[-1]) for c in blocks.chunks) > 1
+    got = _modes_and_grads(spline_modes_torch, t, delta, g, normalize)
+    ref = _modes_and_grads(lev._spline_modes_reference, t, delta, g, normalize)
+    assert (ref[0] < 0).any()
+    for name, a, b in zip(("M", "dt", "ddelta"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spline_modes_zero_tiny_and_huge_factors(tiny_blocks, dtype):
+    """An exactly-zero factor gives M = 0 and zero (not NaN) gradients; a group of factors whose
+    product is below the grouped log-product's guard, and a Delta beyond its bound, take the
+    factor-by-factor path: all as the definition."""
+    lev = tiny_blocks
+    torch.manual_seed(5)
+    h, n, ds, kappa, r = 2, 30, 9, 6, 5
+    t = torch.rand(h, n, ds, dtype=dtype)
+    g = torch.randn(h, n, r, dtype=dtype)
+    base = torch.randn(h, ds, kappa, r, dtype=dtype) * 0.3
+    zero, tiny_group, huge = base.clone(), base.clone(), base.clone()
+    zero[0, 3, :, 1] = -1.0                       # phi[0, :, 3, 1] = 0 exactly
+    tiny_group[1, :4, :, 2] = 1e-4 - 1.0          # 4 factors ~1e-4: group product ~1e-16
+    huge[0, 5, 2, 0] = 3.0 * lev._GROUP_WMAX      # beyond the bound: no grouping at all
+    assert not lev._grouping_safe(huge) and lev._grouping_safe(tiny_group)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    for delta in (zero, tiny_group, huge):
+        got = _modes_and_grads(spline_modes_torch, t, delta, g)
+        ref = _modes_and_grads(lev._spline_modes_reference, t, delta, g)
+        for name, a, b in zip(("M", "dt", "ddelta"), got, ref):
+            assert torch.isfinite(a).all(), name
+            scale = b.abs().max()
+            torch.testing.assert_close(a / scale, b / scale, **tol, msg=name)
+    M, dt, dd = _modes_and_grads(spline_modes_torch, t, zero, g)
+    assert torch.all(M[0, :, 1] == 0) and torch.all(dd[0, 3, :, 1] == 0)
+
+
+def test_spline_modes_outside_unit_interval():
+    """t outside [0, 1] (no sigmoid ever gives it) still follows the definition."""
+    torch.manual_seed(6)
+    from models.leviathan import bspline_basis
+    t = torch.rand(2, 11, 4, dtype=torch.float64) * 1.6 - 0.3
+    delta = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    phi = torch.einsum("hndk,hdkr->hndr", bspline_basis(t, 5), 1 + delta)
+    torch.testing.assert_close(spline_modes_torch(t, delta), phi.prod(2))
+
+
+def test_spline_modes_saves_only_small_tensors():
+    """Autograd keeps t, delta and M: nothing of size [h, d_s, n, r] or [h, d_s, n, kappa]
+    (the old path kept several, ~400 MB for the spec's generator on 403 ids)."""
+    h, n, ds, kappa, r = 4, 300, 32, 16, 32
+    t = torch.rand(h, n, ds, requires_grad=True)
+    delta = (torch.randn(h, ds, kappa, r) * 0.1).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x,
+                                                  lambda x: x):
+        M = spline_modes_torch(t, delta)
+    assert sum(saved) <= t.numel() + delta.numel() + M.numel()
+    # either input alone
+    M.sum().backward(inputs=[t])
+    assert t.grad is not None and delta.grad is None
+    spline_modes_torch(t, delta).sum().backward(inputs=[delta])
+    assert delta.grad is not None and torch.isfinite(delta.grad).all()
+
+
 # ----------------------------------------------------------------------------- distinct ids
 
 @pytest.mark.parametrize("vocab", [500, 30])     # distinct-id path; whole-vocabulary path
