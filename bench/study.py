@@ -73,7 +73,9 @@ def iso_layers(scale: dict, vocab: int) -> int:
                                 **({"num_layers": scale["layers"]} if scale["layers"] else {}))
     D, F = cfg.hidden_size, cfg.ffn_hidden_size
     per_layer = 4 * D * D + 3 * D * F + 2 * D           # attention, SwiGLU, two norms
-    freed = vocab * D - leviathan_param_count(vocab, D)
+    gen = {k: v for k, v in cfg.leviathan.items()
+           if k in ("coords", "seed_dim", "heads", "knots", "modes")}
+    freed = vocab * D - leviathan_param_count(vocab, D, **gen)
     return cfg.num_layers + max(0, round(freed / per_layer))
 
 

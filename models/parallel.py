@@ -7,7 +7,6 @@ single plain ``python`` process (a world of one).
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,18 +14,21 @@ import torch.distributed as dist
 
 def init_distributed(backend: str | None = None) -> None:
     """Start the default process group from the launcher's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT); a plain single process becomes a world of one on loopback.
-    gloo on CPU, nccl on CUDA."""
+    MASTER_ADDR, MASTER_PORT). A world of one (a plain ``python`` process, or a launcher with
+    one rank) needs no rendezvous: it gets an in-process store and no port, so nothing it
+    leaves in the environment can collide with another job. gloo on CPU, nccl on CUDA."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # DeepSpeed reads these even when the process group already exists
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.setdefault(key, "1" if "SIZE" in key else "0")
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend=backend)
 
 
 def init_model_parallel(tensor_parallel: int = 1, seed: int = 1234) -> None:
@@ -112,8 +114,3 @@ class MegatronMPU:
     def get_data_parallel_group_ranks(self):
         return dist.get_process_group_ranks(self.ps.get_data_parallel_group())
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
