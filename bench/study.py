@@ -7,7 +7,7 @@ same data order and token budget per seed, several seeds. Each run is a subproce
 memory), single process, plain torch loop: the comparison is of optimizers and embeddings, not
 of parallelism (the distributed paths are proven equal to this single-process math by tests).
 
-    python bench/study.py --scale cpu            # ~1 h on 2 CPU cores
+    python bench/study.py --scale cpu            # ~40 min on 2 CPU cores
     python bench/study.py --scale gpu            # 60M preset, bf16 autocast, on one GPU
     python bench/study.py --scale smoke          # a minute: checks the pipeline end to end
 
@@ -43,8 +43,8 @@ SCALES = {
     # micro-batch x seq tokens per step; lr for AdamW / Ember; Adafactor uses torch's default lr
     "smoke": dict(preset="tiny", vocab=1024, layers=2, steps=12, micro=4, seq=64, lr=3e-3,
                   eval_every=6, eval_windows=16, seeds=[0], arms=list(ARMS)),
-    "cpu": dict(preset="tiny", vocab=4096, layers=4, steps=150, micro=16, seq=128, lr=3e-3,
-                eval_every=25, eval_windows=96, seeds=[0, 1, 2], arms=list(ARMS)),
+    "cpu": dict(preset="tiny", vocab=4096, layers=4, steps=600, micro=16, seq=128, lr=3e-3,
+                eval_every=50, eval_windows=128, seeds=[0, 1, 2], arms=list(ARMS)),
     "gpu": dict(preset="60m", vocab=32768, layers=None, steps=2000, micro=32, seq=512,
                 lr=1e-3, eval_every=200, eval_windows=256, seeds=[0, 1, 2], arms=list(ARMS)),
 }
