@@ -138,6 +138,12 @@ def _split(layer, dim: int, stride: int = 1):
     return layer
 
 
+try:  # NVIDIA apex where present (built from source on GPU machines): fused RMSNorm kernel.
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _apex_rms_norm
+except Exception:  # not installed, or the unrelated PyPI package of that name
+    _apex_rms_norm = None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype, sequence_parallel: bool, tp_group):
         super().__init__()
@@ -154,6 +160,8 @@ class RMSNorm(nn.Module):
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+        if _apex_rms_norm is not None and x.is_cuda:
+            return _apex_rms_norm(x, w, (x.shape[-1],), self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * w.float()).to(x.dtype)
