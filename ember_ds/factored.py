@@ -4,8 +4,8 @@ A *piece* is a contiguous [rows, cols] view of a table's gradient (and of its we
 table, the whole-row block of a ZeRO partition, or one partial row cut at a partition edge.
 Pass 1 (statistics) reads G once: per-row and per-column sums of G*G. Pass 2 (update) reads G
 and W and writes W: W <- W*decay - lr*G / (a_i*b_j + eps), where a_i*b_j = sqrt(vhat_ij)
-because vhat is rank-1. Work goes in row chunks so no fp32 temporary larger than
-``CHUNK_ELEMS`` (or 1/16 of the piece) is ever built, and every reduction is a contiguous
+because vhat is rank-1. Work goes in row chunks so no fp32 temporary larger than 1/16 of the
+piece (at least ``MIN_CHUNK_ELEMS``, at most ``CHUNK_ELEMS``, and one row) is ever built, and every reduction is a contiguous
 torch reduction in a fixed order, so runs are bitwise reproducible. On CUDA the fused Triton
 kernels in ``ember_ds.triton_kernels`` do the same without temporaries.
 """
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMS = 1 << 20  # at most 4 MiB of fp32 temporaries per chunk
+CHUNK_ELEMS = 1 << 20      # at most 4 MiB of fp32 temporaries per chunk
+MIN_CHUNK_ELEMS = 1 << 16  # small tables: few chunks (per-op overhead), 256 KiB at most
 
 
 def _chunk_rows(rows: int, cols: int) -> int:
-    budget = min(CHUNK_ELEMS, max(cols, (rows * cols) // 16))
+    budget = min(CHUNK_ELEMS, max(cols, (rows * cols) // 16, MIN_CHUNK_ELEMS))
     return max(1, budget // max(cols, 1))
 
 
