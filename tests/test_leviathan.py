@@ -157,10 +157,10 @@ def _modes_and_grads(fn, t, delta, g, normalize=False):
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Work sizes so small that small tensors span several id ranges, chunks and blocks."""
-    import models.leviathan as lev
-    monkeypatch.setattr(lev, "_BLOCK", 192)
-    monkeypatch.setattr(lev, "_CHUNK", 48)
-    return lev
+    import models.spline_modes as sm
+    monkeypatch.setattr(sm, "_BLOCK", 192)
+    monkeypatch.setattr(sm, "_CHUNK", 48)
+    return sm
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -178,7 +178,7 @@ def test_blocked_spline_modes_match_definition(tiny_blocks, shape, normalize):
     blocks = lev._Blocks(t, kappa, r, normalize, grad=True)
     assert blocks.nb < n and sum(len(c[-1]) for c in blocks.chunks) > 1
     got = _modes_and_grads(spline_modes_torch, t, delta, g, normalize)
-    ref = _modes_and_grads(lev._spline_modes_reference, t, delta, g, normalize)
+    ref = _modes_and_grads(lev.spline_modes_reference, t, delta, g, normalize)
     assert (ref[0] < 0).any()
     for name, a, b in zip(("M", "dt", "ddelta"), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
@@ -203,7 +203,7 @@ def test_spline_modes_zero_tiny_and_huge_factors(tiny_blocks, dtype):
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
     for delta in (zero, tiny_group, huge):
         got = _modes_and_grads(spline_modes_torch, t, delta, g)
-        ref = _modes_and_grads(lev._spline_modes_reference, t, delta, g)
+        ref = _modes_and_grads(lev.spline_modes_reference, t, delta, g)
         for name, a, b in zip(("M", "dt", "ddelta"), got, ref):
             assert torch.isfinite(a).all(), name
             scale = b.abs().max()
