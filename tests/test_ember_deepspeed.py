@@ -4,7 +4,7 @@ reference on the averaged gradients; checkpoint resume; config errors."""
 import pytest
 
 STAGES = ["0:fp32", "1:fp32", "2:fp32", "3:fp32", "2:fp32:client", "2:fp32:offload",
-          "3:fp32:offload", "0:bf16", "1:bf16", "2:bf16", "3:bf16", "1:bf16acc"]
+          "3:fp32:offload", "3:fp32:zeroinit", "0:bf16", "1:bf16", "2:bf16", "3:bf16", "1:bf16acc"]
 WRAPPERS = {"0": "Ember", "1": "DeepSpeedZeroOptimizer", "2": "DeepSpeedZeroOptimizer",
             "3": "DeepSpeedZeroOptimizer_Stage3"}
 STATE_BYTES = 4 * (300 + 48 + 1) + 4 * (257 + 48 + 1)  # two tables, O(V + D) each

@@ -78,10 +78,20 @@ def full_params(engine, stage):
     return [p.detach().float().clone() for p in params]
 
 
-def run(stage, dtype, rank, world, client=False, offload=False):
+def run(stage, dtype, rank, world, client=False, offload=False, zero_init=False):
     torch.manual_seed(0)
-    model = Net()
-    ref = copy.deepcopy(model)
+    if zero_init:  # parameters partitioned as they are built: tables seen only through ds_shape
+        ref = Net()
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(stage, dtype, world)):
+            model = Net()
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if rank == 0:
+                for p, q in zip(model.parameters(), ref.parameters()):
+                    p.data.copy_(q.data)
+        assert model.emb.weight.shape == (0,) or model.emb.weight.numel() < V_IN * D
+    else:
+        model = Net()
+        ref = copy.deepcopy(model)
     kw = {}
     if client:  # the explicit route: an Ember instance instead of the ds_config section
         kw["optimizer"] = ember_ds.Ember(model, **HP, **BODY)
@@ -124,7 +134,7 @@ def run(stage, dtype, rank, world, client=False, offload=False):
                   state_bytes=ember_ds.state_bytes(ember), wrapper=type(engine.optimizer).__name__,
                   cut_rows=sum(1 for _, u in ember._units.values() for sg in u.segments
                                if sg.start_in_table % D or (sg.start_in_table + sg.length) % D))
-    if stage in (1, 2, 3) and dtype == "fp32" and not (client or offload):
+    if stage in (1, 2, 3) and dtype == "fp32" and not (client or offload or zero_init):
         result["resume"] = resume_check(stage, dtype, world, rank, data)
     return result
 
@@ -172,7 +182,7 @@ def main():
     for spec in sys.argv[1:]:
         stage, dtype, *rest = spec.split(":")
         out[spec] = run(int(stage), dtype, rank, world, client="client" in rest,
-                        offload="offload" in rest)
+                        offload="offload" in rest, zero_init="zeroinit" in rest)
     # an unknown key in the ds_config params is a clear error listing the valid ones
     cfg = ds_config(1, "fp32", world)
     cfg["optimizer"]["params"]["betas"] = [0.9, 0.99]
