@@ -183,7 +183,7 @@ class Ember(torch.optim.Optimizer):
                 self._body.param_groups = saved
         return loss
 
-    def _unit_for(self, group: dict, k: int, tensor: torch.Tensor) -> Unit:
+    def _unit_for(self, tensor: torch.Tensor) -> Unit:
         entry = self._units.get(id(tensor))
         if entry is not None and entry[0] is tensor:
             return entry[1]
@@ -219,8 +219,8 @@ class Ember(torch.optim.Optimizer):
     def _step_tables(self, groups) -> None:
         work = []  # (group, tensor, unit)
         for g in groups:
-            for k, tensor in enumerate(g["params"]):
-                unit = self._unit_for(g, k, tensor)
+            for tensor in g["params"]:
+                unit = self._unit_for(tensor)
                 if tensor.grad is None:
                     if unit.group is not None:
                         raise RuntimeError("Ember: a partitioned token-table tensor has no "
