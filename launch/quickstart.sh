@@ -5,13 +5,13 @@
 #
 #   bash launch/quickstart.sh
 #
-# CPU (no GPU visible): one process, fp32 (ds_configs/ember_zero1_fp32.json); 600 steps take about
-# 3 minutes on 2 idle cores; the training loop is capped at QUICKSTART_MINUTES (default 6), so the
+# CPU (no GPU visible): one process, fp32 (ds_configs/ember_zero1_fp32.json); 1500 steps take about
+# 2.5 minutes on 2 idle cores; the training loop is capped at QUICKSTART_MINUTES (default 6), so the
 # whole script stays under 10 minutes even on a busy machine (plus about a minute the first time,
 # when setup_env.sh creates .venv).
 # GPU: torchrun over every visible GPU, bf16 (ds_configs/ember_zero1_bf16.json).
 #
-# Knobs (environment): QUICKSTART_STEPS (default 600 on CPU, 2000 on GPU), QUICKSTART_MINUTES
+# Knobs (environment): QUICKSTART_STEPS (default 1500 on CPU, 2000 on GPU), QUICKSTART_MINUTES
 # (time cap of the training loop, default 6), QUICKSTART_DATA (files/folders, default the shipped
 # KJV corpus), QUICKSTART_VOCAB (default 4096), QUICKSTART_OUT (default runs/quickstart),
 # QUICKSTART_ARGS (extra launch/train.py flags, word-split), EMBER_DATA_CACHE (data cache),
@@ -38,7 +38,7 @@ if [ "$NGPU" -gt 0 ]; then
   WHERE="$NGPU GPU(s), bf16"
 else
   CONFIG=ds_configs/ember_zero1_fp32.json
-  STEPS=${QUICKSTART_STEPS:-600}
+  STEPS=${QUICKSTART_STEPS:-1500}
   LAUNCH=(python)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
   WHERE="CPU ($OMP_NUM_THREADS threads), fp32"
