@@ -138,6 +138,24 @@ def _split(layer, dim: int, stride: int = 1):
     return layer
 
 
+def column_parallel(d_in: int, d_out: int, mcfg, tp_group, stride: int = 1):
+    """Bias-free ColumnParallelLinear (output split across TP, not gathered). ``stride`` > 1
+    for fused projections ([q; k; v], [gate; up]): each rank gets its part of every block."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    return _split(ColumnParallelLinear(d_in, d_out, config=mcfg, init_method=_no_init, bias=False,
+                                       gather_output=False, stride=stride, tp_group=tp_group),
+                  0, stride)
+
+
+def row_parallel(d_in: int, d_out: int, mcfg, tp_group):
+    """Bias-free RowParallelLinear on a TP-split input; its output is all-reduced (or
+    reduce-scattered along the sequence under sequence parallelism)."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+    return _split(RowParallelLinear(d_in, d_out, config=mcfg, init_method=_no_init, bias=False,
+                                    input_is_parallel=True, skip_bias_add=False,
+                                    tp_group=tp_group), 1)
+
+
 try:  # NVIDIA apex where present (built from source on GPU machines): fused RMSNorm kernel.
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _apex_rms_norm
 except Exception:  # not installed, or the unrelated PyPI package of that name
@@ -186,17 +204,12 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, mcfg, tp: int, tp_group):
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         D = cfg.hidden_size
         self.local_heads = cfg.num_heads // tp
         self.head_dim = cfg.head_dim
         # Full weight [q; k; v] (3D x D); stride 3 gives each rank [q_r; k_r; v_r] of its heads.
-        self.qkv = _split(ColumnParallelLinear(D, 3 * D, config=mcfg, init_method=_no_init,
-                                               bias=False, gather_output=False, stride=3,
-                                               tp_group=tp_group), 0, 3)
-        self.proj = _split(RowParallelLinear(D, D, config=mcfg, init_method=_no_init, bias=False,
-                                             input_is_parallel=True, skip_bias_add=False,
-                                             tp_group=tp_group), 1)
+        self.qkv = column_parallel(D, 3 * D, mcfg, tp_group, stride=3)
+        self.proj = row_parallel(D, D, mcfg, tp_group)
 
     def forward(self, x, cos, sin):
         qkv, _ = self.qkv(x)                                   # [s, b, 3 * local_heads * hd]
@@ -213,15 +226,10 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: GPTConfig, mcfg, tp_group):
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         D, Fh = cfg.hidden_size, cfg.ffn_hidden_size
         # Full weight [gate; up] (2F x D); stride 2 gives each rank [gate_r; up_r].
-        self.gate_up = _split(ColumnParallelLinear(D, 2 * Fh, config=mcfg, init_method=_no_init,
-                                                   bias=False, gather_output=False, stride=2,
-                                                   tp_group=tp_group), 0, 2)
-        self.down = _split(RowParallelLinear(Fh, D, config=mcfg, init_method=_no_init, bias=False,
-                                             input_is_parallel=True, skip_bias_add=False,
-                                             tp_group=tp_group), 1)
+        self.gate_up = column_parallel(D, 2 * Fh, mcfg, tp_group, stride=2)
+        self.down = row_parallel(Fh, D, mcfg, tp_group)
 
     def forward(self, x):
         gate_up, _ = self.gate_up(x)
@@ -262,7 +270,6 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import ColumnParallelLinear
 
         if not ps.model_parallel_is_initialized():
             _init_tp1_world(cfg.init_seed)
@@ -295,9 +302,7 @@ class GPT(nn.Module):
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.params_dtype,
                             self.sequence_parallel, self.tp_group)
-        self.lm_head = _split(ColumnParallelLinear(cfg.hidden_size, self.padded_vocab,
-                                                   config=mcfg, init_method=_no_init, bias=False,
-                                                   gather_output=False, tp_group=self.tp_group), 0)
+        self.lm_head = column_parallel(cfg.hidden_size, self.padded_vocab, mcfg, self.tp_group)
         self._mark_table(self.lm_head.weight, "lm_head.weight")
         cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
