@@ -26,6 +26,8 @@ setup(
         # NVIDIA apex is optional (fused norms when present) and built from source by the
         # user: never the unrelated PyPI package named "apex".
         "plots": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "matplotlib>=3.7", "transformers>=4.45", "accelerate>=1.0"],
+        # Hugging Face models and the HF Trainer route (ds_config with "auto" values).
+        "hf": ["transformers>=4.45", "accelerate>=1.0"],
     },
 )
