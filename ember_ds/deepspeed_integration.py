@@ -5,41 +5,50 @@ with no plugin hook, and refuses optimizers outside ZERO_SUPPORTED_OPTIMIZERS un
 registration patches three engine methods, each delegating to DeepSpeed's own for any other
 optimizer:
 - ``_is_supported_optimizer``: "Ember" (any case) is a supported name;
-- ``_configure_basic_optimizer``: builds Ember from the ds_config params (unknown keys are an
-  error listing the valid ones) and finds untagged nn.Embedding / VocabParallelEmbedding
-  tables in ``engine.module``, since DeepSpeed hands the optimizer only parameters;
+- ``_is_supported_optimizer``: also turns a misspelled type ("Embr") into a one-line error
+  naming the close one, instead of DeepSpeed's bare "not a supported DeepSpeed Optimizer";
+- ``_configure_basic_optimizer``: builds Ember from the ds_config params (checked by
+  ember_ds.ds_config) and finds the token tables in ``engine.module`` (ember_ds.tables'
+  rules), since DeepSpeed hands the optimizer only parameters;
 - ``_configure_optimizer``: after DeepSpeed wraps the optimizer (ZeRO, bf16), tells Ember how
   the wrapper laid the tables out (``Ember.attach_deepspeed``); it also covers an Ember
-  instance or factory passed as ``deepspeed.initialize(optimizer=...)``.
+  instance or factory passed as ``deepspeed.initialize(optimizer=...)``. Rank 0 then prints
+  which parameters Ember factors.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 
+from .ds_config import close_optimizer_name, ember_config_keys, is_ember, parse_params  # noqa: F401
 from .optimizer import _WRAPPER_INIT_DEPTH, Ember
 from .tables import tag_module_tables
 
 _REGISTERED = [False]
 
 
-def ember_config_keys() -> list:
-    """The keys a ds_config ``"optimizer": {"type": "Ember", "params": {...}}`` accepts."""
-    sig = inspect.signature(Ember.__init__)
-    return [k for k in sig.parameters if k not in ("self", "params")]
-
-
 def build_from_config(model_parameters, module, params: dict) -> Ember:
-    """Ember from ds_config params, tables found in ``module`` as well as by tags."""
-    valid = ember_config_keys()
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"Unknown Ember optimizer parameter(s) {unknown} in the ds_config; "
-                         f"valid keys: {valid}")
+    """Ember from ds_config params, tables found in ``module`` (the rules of ember_ds.tables,
+    with the params' ``tables`` / ``exclude_tables`` patterns) as well as by tags."""
+    kwargs = parse_params(params)
+    include, exclude = kwargs.pop("tables", None), kwargs.pop("exclude_tables", None)
     if module is not None:
-        tag_module_tables(module)
-    return Ember(model_parameters, **params)
+        tag_module_tables(module, include or (), exclude or ())
+    elif include or exclude:
+        raise ValueError("Ember ds_config: tables / exclude_tables need the model "
+                         "(deepspeed.initialize(model=...))")
+    return Ember(model_parameters, **kwargs)
+
+
+def print_summary(engine) -> None:
+    """Rank 0 prints which parameters Ember factors and what the body optimizer gets."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    opt = engine.basic_optimizer
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    dp = getattr(engine, "dp_world_size", 1) or 1
+    print(opt.summary(zero_stage=stage, dp_size=dp), flush=True)
 
 
 def register_deepspeed() -> bool:
@@ -62,13 +71,19 @@ def register_deepspeed() -> bool:
 
     @functools.wraps(orig_supported)
     def _is_supported_optimizer(self, optimizer_name):
-        return _is_ember(optimizer_name) or orig_supported(self, optimizer_name)
+        if is_ember(optimizer_name) or orig_supported(self, optimizer_name):
+            return True
+        near = close_optimizer_name(optimizer_name, _known_optimizer_types())
+        if near is not None:
+            raise ValueError(f"ds_config optimizer type {optimizer_name!r} is not known; did "
+                             f"you mean {near!r}?")
+        return False
 
     orig_basic = Engine._configure_basic_optimizer
 
     @functools.wraps(orig_basic)
     def _configure_basic_optimizer(self, model_parameters):
-        if not _is_ember(self.optimizer_name()):
+        if not is_ember(self.optimizer_name()):
             return orig_basic(self, model_parameters)
         return build_from_config(model_parameters, self.module, dict(self.optimizer_params() or {}))
 
@@ -83,6 +98,7 @@ def register_deepspeed() -> bool:
             _WRAPPER_INIT_DEPTH[0] -= 1
         if isinstance(self.basic_optimizer, Ember):
             self.basic_optimizer.attach_deepspeed(self.optimizer)
+            print_summary(self)
         return result
 
     Engine._is_supported_optimizer = _is_supported_optimizer
@@ -104,5 +120,10 @@ def disable_cpu_shm_build() -> None:
         mod.build_shm_op = lambda *a, **k: None
 
 
-def _is_ember(name) -> bool:
-    return isinstance(name, str) and name.lower() == "ember"
+def _known_optimizer_types() -> list:
+    """Every optimizer type a ds_config may name: DeepSpeed's, torch.optim's and Ember."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)]
+    return list(DEEPSPEED_OPTIMIZERS) + torch_names + ["Ember"]

@@ -29,10 +29,17 @@ def _use_triton(t: torch.Tensor) -> bool:
     return triton_kernels.available()
 
 
-def piece_stats(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor) -> None:
-    """Add sum_j g_ij^2 into ``rowsum`` [rows] and sum_i g_ij^2 into ``colsum`` [cols] (fp32)."""
+def piece_stats(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor,
+                rownz: torch.Tensor | None = None) -> None:
+    """Add sum_j g_ij^2 into ``rowsum`` [rows] and sum_i g_ij^2 into ``colsum`` [cols] (fp32).
+    With ``rownz`` [rows], also add each row's count of nonzero gradients: a row is active
+    when any |g| > 0, which a sum of squares cannot tell once g*g underflows."""
     if g.numel() == 0:
         return
+    if rownz is not None:
+        step = _chunk_rows(*g.shape)
+        for r0 in range(0, g.shape[0], step):
+            rownz[r0:r0 + step] += torch.count_nonzero(g[r0:r0 + step], dim=1)
     if _use_triton(g):
         from .triton_kernels import piece_stats_triton
         return piece_stats_triton(g, rowsum, colsum)
@@ -57,6 +64,9 @@ def piece_update(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Ten
                  lr: float, eps: float, decay: float) -> None:
     """w <- w*decay - lr * g / (a_i*b_j + eps), in place; a [rows], b [cols] fp32."""
     if g.numel() == 0:
+        return
+    if w.dtype == torch.float64:  # float64 tables are updated in float64, never rounded
+        _update_float64(w, g, a, b, lr, eps, decay)
         return
     if _use_triton(g):
         from .triton_kernels import piece_update_triton
@@ -86,3 +96,15 @@ def piece_update(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Ten
             # cast to fp32 first, as g.float() would
             g32 = gc if gc.dtype in (torch.bfloat16, torch.float16) else gc.float()
             wc.copy_(wf.addcdiv_(g32, denom, value=-lr))
+
+
+def _update_float64(w, g, a, b, lr, eps, decay) -> None:
+    """The rank-1 update of a float64 table in float64 (the factors a, b are fp32 state)."""
+    rows, cols = g.shape
+    step = max(1, _chunk_rows(rows, cols) // 2)
+    for r0 in range(0, rows, step):
+        wc, gc = w[r0:r0 + step], g[r0:r0 + step]
+        denom = torch.outer(a[r0:r0 + step].double(), b.double()).add_(eps)
+        if decay != 1.0:
+            wc.mul_(decay)
+        wc.addcdiv_(gc.double(), denom, value=-lr)

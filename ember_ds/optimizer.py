@@ -1,7 +1,7 @@
 """Ember: a factored second-moment optimizer for token tables, with a body optimizer inside.
 
 For a table W (V rows = tokens, D columns) with gradient G, Ember keeps r (V), c (D), s (1) and
-a step count, all fp32 (see ../shared/spec/ember.md):
+a step count, all fp32 (docs/EMBER.md has the derivation):
 
     q = G*G;  r <- b2 r + (1-b2) rowmean(q);  c <- b2 c + (1-b2) colsum(q)/V
     s <- b2 s + (1-b2) sum(q)/(V D);  vhat_ij = r_i c_j / (s (1 - b2^t))
@@ -51,12 +51,15 @@ _WRAPPER_INIT_DEPTH = [0]
 class Ember(torch.optim.Optimizer):
     """Ember on the token tables, ``body_optimizer`` (AdamW) on every other parameter.
 
-    Body options left as None take the body optimizer's own defaults (torch's AdamW: betas
-    (0.9, 0.999), eps 1e-8, weight_decay 0.01); ``body_lr`` defaults to ``lr``.
+    One ``lr`` / ``eps`` / ``weight_decay`` mean the whole model: ``body_lr``, ``body_eps`` and
+    ``body_weight_decay`` default to them (so ``Ember(model)`` decays nothing, like the
+    reference Ember; set ``body_weight_decay`` for AdamW-style decay of the body only).
+    ``body_betas`` left as None take the body optimizer's own (AdamW: (0.9, 0.999)).
 
-    ``params``: an nn.Module (its nn.Embedding / VocabParallelEmbedding weights and tagged
-    parameters are tables), an iterable of tensors (tagged ones are tables), or param groups
-    (a group with ``"token_table": True`` holds tables only).
+    ``params``: an nn.Module (its tables found by ember_ds.tables' rules; ``tables`` /
+    ``exclude_tables`` add or remove them by parameter-name pattern), an iterable of tensors
+    (tagged ones are tables), or param groups (a group with ``"token_table": True`` holds
+    tables only).
     """
 
     def __init__(self, params, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8,
@@ -64,7 +67,8 @@ class Ember(torch.optim.Optimizer):
                  body_optimizer="AdamW", body_lr: Optional[float] = None,
                  body_betas=None, body_eps: Optional[float] = None,
                  body_weight_decay: Optional[float] = None, body_kwargs: Optional[dict] = None,
-                 nonfinite: str = "skip", dedicated_comm: bool = True):
+                 nonfinite: str = "skip", dedicated_comm: bool = True,
+                 tables=None, exclude_tables=None):
         if not lr >= 0.0:
             raise ValueError(f"Ember: invalid lr {lr}")
         if not 0.0 <= beta2 < 1.0:
@@ -76,8 +80,11 @@ class Ember(torch.optim.Optimizer):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"Ember: nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if isinstance(params, nn.Module):
-            tag_module_tables(params)
+            tag_module_tables(params, tables or (), exclude_tables or ())
             params = list(params.parameters())
+        elif tables or exclude_tables:
+            raise ValueError("Ember: tables / exclude_tables patterns need the model: pass the "
+                             "nn.Module (or use the ds_config route, which sees engine.module)")
         table_groups, body_groups = _split_groups(params)
         if not table_groups and not body_groups:
             raise ValueError("Ember got an empty parameter list")
@@ -90,10 +97,11 @@ class Ember(torch.optim.Optimizer):
 
         self._body = None
         if body_groups:
-            self._body = _make_body_optimizer(body_optimizer, body_groups, dict(
-                lr=lr if body_lr is None else body_lr,
-                betas=None if body_betas is None else tuple(body_betas), eps=body_eps,
-                weight_decay=body_weight_decay), body_kwargs or {})
+            self._body = _make_body_optimizer(
+                body_optimizer, body_groups,
+                dict(lr=body_lr, betas=None if body_betas is None else tuple(body_betas),
+                     eps=body_eps, weight_decay=body_weight_decay),
+                dict(lr=lr, eps=eps, weight_decay=weight_decay), body_kwargs or {})
         defaults = dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay,
                         normalize=normalize, token_table=False)
         super().__init__(table_groups + body_groups, defaults)
@@ -137,6 +145,35 @@ class Ember(torch.optim.Optimizer):
     def table_state(self, index: int = 0) -> dict:
         """The fp32 state of table ``index``: r (rows), c (cols), s, step, nonfinite_skips."""
         return self._table_state.get(index, {})
+
+    def summary(self, zero_stage: Optional[int] = None, dp_size: int = 1) -> str:
+        """A short table: the parameters Ember factors (name, global shape, how their rows are
+        split, the rule that chose them) and what goes to the body optimizer."""
+        rows = [("token table", "shape", "sharding", "chosen by")]
+        for t, p in enumerate(self._tables):
+            local, cols, V, meta = self._table_info(t)
+            split = [f"TP rows {V // max(local, 1)}-way"] if meta.row_groups else []
+            if zero_stage and dp_size > 1:
+                split.append(f"ZeRO-{zero_stage} over {dp_size} ranks")
+            rows.append((meta.name or f"table {t}", f"{V} x {cols}",
+                         ", ".join(split) or "whole", meta.source))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        state = sum(4 * (self._table_info(t)[0] + self._table_info(t)[1] + 1)
+                    for t in range(len(self._tables)))
+        lines.insert(0, f"Ember factors {len(self._tables)} token table(s); its state: "
+                        f"{state / 2**10:.1f} KiB fp32, replicated on every rank")
+        lines.insert(2, "  ".join("-" * w for w in widths))
+        body = [p for g in self.param_groups if not g.get("token_table") for p in g["params"]]
+        if body:
+            numel = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in body)
+            g0 = self._body.param_groups[0]
+            lines.append(f"body: {len(body)} tensors ({numel:,} elements) -> "
+                         f"{type(self._body).__name__} (lr {g0.get('lr')}, weight decay "
+                         f"{g0.get('weight_decay', 0.0)})")
+        else:
+            lines.append("body: no parameters")
+        return "\n".join(lines)
 
     # ------------------------------------------------------------- DeepSpeed
     def attach_deepspeed(self, wrapper) -> None:
@@ -236,24 +273,28 @@ class Ember(torch.optim.Optimizer):
             self._prepare_comm([(None, u) for _, _, u in work])
 
         # Pass 1: partial statistics of this rank's elements, reduced over the partitioning
-        # group (one buffer per stepped tensor: rows + cols floats per table).
-        stats = {}  # table -> (rowsum, colsum)
+        # group (one buffer per stepped tensor: rows + cols floats per table, and rows more
+        # nonzero counts for a table normalised by its active rows).
+        stats = {}  # table -> (rowsum, colsum, rownz or None)
         for g, tensor, unit in work:
             sizes = [self._table_info(t)[:2] for t in unit.tables]
-            buf = torch.zeros(sum(r + c for r, c in sizes), dtype=torch.float32,
-                              device=tensor.device)
+            nz = g["normalize"] == "active_rows"
+            buf = torch.zeros(sum((2 if nz else 1) * r + c for r, c in sizes),
+                              dtype=torch.float32, device=tensor.device)
             views, off = {}, 0
             for t, (rows, cols) in zip(unit.tables, sizes):
-                views[t] = (buf[off:off + rows], buf[off + rows:off + rows + cols])
-                off += rows + cols
+                views[t] = (buf[off:off + rows], buf[off + rows:off + rows + cols],
+                            buf[off + rows + cols:off + 2 * rows + cols] if nz else None)
+                off += (2 if nz else 1) * rows + cols
             grad = tensor.grad.reshape(-1)
             for seg in unit.segments:
                 cols = self._table_info(seg.table)[1]
-                rowsum, colsum = views[seg.table]
+                rowsum, colsum, rownz = views[seg.table]
                 for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
                     a = seg.start_in_tensor + o
                     gv = grad[a:a + nrows * ncols].view(nrows, ncols)
-                    piece_stats(gv, rowsum[row0:row0 + nrows], colsum[col0:col0 + ncols])
+                    piece_stats(gv, rowsum[row0:row0 + nrows], colsum[col0:col0 + ncols],
+                                None if rownz is None else rownz[row0:row0 + nrows])
             self._comm.all_reduce(buf, unit.group)
             stats.update(views)
 
@@ -262,8 +303,9 @@ class Ember(torch.optim.Optimizer):
         extra = {}  # table -> tensor([colsum..., n_active])
         for g, tensor, unit in work:
             for t in unit.tables:
-                rowsum, colsum = stats[t]
-                n_active = (rowsum > 0).sum().to(torch.float32).reshape(1)
+                rowsum, colsum, rownz = stats[t]
+                active = rowsum if rownz is None else rownz  # any |g| > 0 in the row
+                n_active = (active > 0).sum().to(torch.float32).reshape(1)
                 extra[t] = torch.cat([colsum, n_active])
         by_group = {}
         for t in extra:
@@ -403,7 +445,9 @@ def _split_groups(params):
     return tables, body
 
 
-def _make_body_optimizer(spec, groups, options: dict, extra: dict):
+def _make_body_optimizer(spec, groups, options: dict, inherited: dict, extra: dict):
+    """The body optimizer over ``groups``: ``options`` given by the user must be accepted;
+    ``inherited`` (Ember's own lr / eps / weight_decay) fill the gaps where accepted."""
     cls = getattr(torch.optim, spec, None) if isinstance(spec, str) else spec
     if cls is None or not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"Ember: body_optimizer must be a torch.optim.Optimizer class or the "
@@ -414,6 +458,9 @@ def _make_body_optimizer(spec, groups, options: dict, extra: dict):
     if refused:
         raise ValueError(f"Ember: body optimizer {cls.__name__} takes no {refused} (body_"
                          f"{refused[0]}); leave it unset")
+    for k, v in inherited.items():
+        if k not in kwargs and k in accepted:
+            kwargs[k] = v
     kwargs.update(extra)
     return cls(groups, **kwargs)
 

@@ -1,4 +1,4 @@
-"""A plain, dense, single-process implementation of Ember's formulas (../shared/spec/ember.md),
+"""A plain, dense, single-process implementation of Ember's formulas (docs/EMBER.md),
 written independently of ember_ds so tests compare two implementations of the math."""
 import torch
 
@@ -26,7 +26,7 @@ class ReferenceEmber:
                 V = self.global_rows
             q = g * g
             colsum = q.sum(0)
-            n_active = max(int((q.sum(1) > 0).sum()), 1)
+            n_active = max(int((g != 0).any(1).sum()), 1)   # a row is active when any |g| > 0
             st["t"] += 1
             b2 = self.b2
             st["r"] = b2 * st["r"] + (1 - b2) * q.mean(1)

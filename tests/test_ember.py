@@ -230,3 +230,71 @@ def test_registered_with_deepspeed():
     from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
     assert ember_ds.register_deepspeed() is True
     assert Ember in ZERO_SUPPORTED_OPTIMIZERS
+
+
+def test_float64_tables_are_updated_in_float64():
+    torch.manual_seed(4)
+    w = nn.Parameter(torch.randn(40, 8, dtype=torch.float64))
+    ref_w = nn.Parameter(w.detach().clone())
+    opt = Ember([{"params": [w], "token_table": True}], lr=1e-2, beta2=0.9)
+    ref = ReferenceEmber([ref_w], lr=1e-2, beta2=0.9)
+    w.grad, ref_w.grad = torch.zeros_like(w), torch.zeros_like(w)  # a zero-gradient step
+    before = w.detach().clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(w.detach(), before)                          # moves nothing
+    for _ in range(3):
+        g = torch.randn(40, 8, dtype=torch.float64)
+        w.grad, ref_w.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert w.dtype == torch.float64
+    # not rounded to fp32 (almost no float64 value is an fp32 one), and the reference's math
+    assert (w.detach() != w.detach().float().double()).float().mean() > 0.9
+    assert rel_err(w.detach(), ref_w.detach()) < 1e-6
+
+
+def test_active_rows_counts_gradients_whose_square_underflows():
+    torch.manual_seed(5)
+    w = nn.Parameter(torch.randn(100, 16))
+    ref_w = nn.Parameter(w.detach().clone())
+    g = torch.zeros(100, 16)
+    g[:40] = torch.randn(40, 16)
+    g[40:70] = 1e-25 * torch.randn(30, 16)          # |g| > 0 but g*g == 0 in fp32
+    opt = Ember([{"params": [w], "token_table": True}], lr=1e-2, normalize="active_rows")
+    ref = ReferenceEmber([ref_w], lr=1e-2, normalize="active_rows")
+    w.grad, ref_w.grad = g.clone(), g.clone()
+    opt.step()
+    ref.step()
+    assert rel_err(w.detach(), ref_w.detach()) < 1e-5
+
+
+def test_body_takes_ember_lr_eps_and_weight_decay_unless_told():
+    body = lambda opt: opt._body.param_groups[0]                      # noqa: E731
+    g = body(Ember(TinyLM(), lr=2e-3))
+    assert (g["lr"], g["eps"], g["weight_decay"]) == (2e-3, 1e-8, 0.0)  # no hidden 0.01 decay
+    g = body(Ember(TinyLM(), lr=2e-3, eps=1e-6, weight_decay=0.1))
+    assert (g["eps"], g["weight_decay"]) == (1e-6, 0.1)
+    g = body(Ember(TinyLM(), weight_decay=0.1, body_weight_decay=0.05, body_lr=1e-4))
+    assert (g["lr"], g["weight_decay"]) == (1e-4, 0.05)
+    sgd = Ember(TinyLM(), lr=0.1, eps=1e-6, body_optimizer="SGD")._body  # only what SGD takes
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 0.1
+
+
+def test_a_table_listed_twice_is_stepped_once():
+    torch.manual_seed(6)
+    model = TinyLM(tied=True)
+    ref = copy.deepcopy(model)
+    # tied weights passed by hand: the same table in two groups, and twice in one group
+    groups = [{"params": [model.emb.weight, model.head.weight], "token_table": True},
+              {"params": [model.emb.weight], "token_table": True},
+              {"params": list(model.body.parameters())}]
+    opt = Ember(groups, lr=1e-2)
+    assert opt.token_tables == [model.emb.weight]
+    ref_tables = ReferenceEmber([ref.emb.weight], lr=1e-2)
+    ids = torch.randint(0, 97, (4, 9))
+    for m in (model, ref):
+        lm_loss(m, ids).backward()
+    opt.step()
+    ref_tables.step()
+    assert rel_err(model.emb.weight, ref.emb.weight) < 1e-5

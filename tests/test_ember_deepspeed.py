@@ -51,6 +51,18 @@ def test_checkpoint_resume_gives_same_losses(results, spec):
         assert res["loaded_step"] == 3 and res["loaded_dtype"] == "torch.float32"
 
 
-def test_unknown_ds_config_key_is_a_clear_error(results):
-    msg = results[0]["bad_key_error"]
-    assert msg and "betas" in msg and "beta2" in msg and "valid keys" in msg
+def test_ds_config_mistakes_are_one_line_errors_naming_the_fix(results):
+    r = results[0]
+    for label in ("bad_key_error", "typo_type", "lr_string", "lr_auto", "no_match"):
+        assert r[label] and "\n" not in r[label], (label, r[label])
+    assert "'beta_2'" in r["bad_key_error"] and "did you mean 'beta2'" in r["bad_key_error"]
+    assert "valid keys" in r["bad_key_error"]
+    assert "did you mean 'Ember'" in r["typo_type"]
+    assert "must be a number" in r["lr_string"] and "without quotes" in r["lr_string"]
+    assert "Hugging Face Trainer" in r["lr_auto"]
+    assert "'*.nope' matches no parameter" in r["no_match"]
+
+
+def test_type_is_case_insensitive_and_betas_are_the_body_betas(results):
+    assert results[0]["lowercase_type"] == "Ember"
+    assert results[0]["betas"] == [0.8, 0.9]

@@ -183,14 +183,29 @@ def main():
         stage, dtype, *rest = spec.split(":")
         out[spec] = run(int(stage), dtype, rank, world, client="client" in rest,
                         offload="offload" in rest, zero_init="zeroinit" in rest)
-    # an unknown key in the ds_config params is a clear error listing the valid ones
+    # ds_config mistakes are one-line errors that name the fix
+    mistakes = {"bad_key_error": ("params", "beta_2", 0.99), "typo_type": ("type", None, "Embr"),
+                "lr_string": ("params", "lr", "3e-3"), "lr_auto": ("params", "lr", "auto"),
+                "no_match": ("params", "exclude_tables", ["*.nope"])}
+    for label, (where, key, value) in mistakes.items():
+        cfg = ds_config(1, "fp32", world)
+        if where == "type":
+            cfg["optimizer"]["type"] = value
+        else:
+            cfg["optimizer"]["params"][key] = value
+        try:
+            deepspeed.initialize(model=Net(), config=cfg)
+            out[label] = None
+        except ValueError as e:
+            out[label] = str(e)
+    # the type in any case; HF's "betas" key are the body's betas
     cfg = ds_config(1, "fp32", world)
-    cfg["optimizer"]["params"]["betas"] = [0.9, 0.99]
-    try:
-        deepspeed.initialize(model=Net(), config=cfg)
-        out["bad_key_error"] = None
-    except ValueError as e:
-        out["bad_key_error"] = str(e)
+    cfg["optimizer"]["type"] = "ember"
+    cfg["optimizer"]["params"].pop("body_betas", None)
+    cfg["optimizer"]["params"]["betas"] = [0.8, 0.9]
+    engine, *_ = deepspeed.initialize(model=Net(), config=cfg)
+    out["lowercase_type"] = type(engine.basic_optimizer).__name__
+    out["betas"] = list(engine.basic_optimizer._body.param_groups[0]["betas"])
     finish(out)
 
 
