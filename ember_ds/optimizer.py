@@ -96,6 +96,9 @@ class Ember(torch.optim.Optimizer):
                 self._register_table(p)
 
         self._body = None
+        body = [p for g in body_groups for p in g["params"]]  # ZeRO-3 empties groups later
+        self._body_size = (len(body), sum(int(getattr(p, "ds_numel", 0) or p.numel())
+                                          for p in body))
         if body_groups:
             self._body = _make_body_optimizer(
                 body_optimizer, body_groups,
@@ -164,11 +167,10 @@ class Ember(torch.optim.Optimizer):
         lines.insert(0, f"Ember factors {len(self._tables)} token table(s); its state: "
                         f"{state / 2**10:.1f} KiB fp32, replicated on every rank")
         lines.insert(2, "  ".join("-" * w for w in widths))
-        body = [p for g in self.param_groups if not g.get("token_table") for p in g["params"]]
-        if body:
-            numel = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in body)
+        if self._body is not None:
+            count, numel = self._body_size
             g0 = self._body.param_groups[0]
-            lines.append(f"body: {len(body)} tensors ({numel:,} elements) -> "
+            lines.append(f"body: {count} tensors ({numel:,} elements) -> "
                          f"{type(self._body).__name__} (lr {g0.get('lr')}, weight decay "
                          f"{g0.get('weight_decay', 0.0)})")
         else:
