@@ -6,7 +6,7 @@ that cut across rows and tables (ZeRO-1/2, BF16_Optimizer), or flats of per-para
 partitions (ZeRO-3). For each such tensor this module computes a ``Unit``: which tables it
 belongs to (on every rank of the partitioning group, even ranks holding none of a table's
 elements, so all ranks keep the same replicated state) and which runs of each table's
-row-major elements this rank holds, and where. Formulas: ../shared/spec/deepspeed-zero.md.
+row-major elements this rank holds, and where (docs/EMBER.md, "The step", walks through it).
 """
 from __future__ import annotations
 

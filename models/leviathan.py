@@ -4,7 +4,7 @@ A token id is written as k base-b digits (b = ceil(V^(1/k))); each digit picks a
 shared codebook and the rows are summed into a seed z. Each of h heads projects and normalises
 the seed, squashes it into (0, 1), expands every coordinate on a quadratic B-spline basis, forms
 r separable modes as a product over the d_s coordinates, and maps them to the model width; the
-heads are summed. See /work/shared/spec/leviathan.md for the formulation and its sources.
+heads are summed (arXiv 2601.22040; the README's Leviathan section lists the options).
 
 Fast by construction: the generator is a pure function of the id, so it is evaluated once per
 distinct id in the batch (or once over the whole vocabulary when the batch holds at least V ids)
