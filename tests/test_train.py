@@ -278,13 +278,18 @@ def test_two_nodes_match_one_node(how, tiny, tmp_path, reference):
         stub = tmp_path / "bin"
         stub.mkdir()
         (stub / "srun").write_text(SRUN_STUB)
-        (stub / "scontrol").write_text('#!/usr/bin/env bash\nprintf "127.0.0.1\\nlocalhost\\n"\n')
+        # two writes with a pause: a script that reads the first line through "| head" under
+        # pipefail dies silently of the SIGPIPE (the old flake of this test, now every time)
+        (stub / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\nsleep 0.3\n"
+                                       "echo localhost\n")
         for f in stub.iterdir():
             f.chmod(0o755)
         base.pop("MASTER_ADDR")
+        base.pop("NPROC_PER_NODE")        # as on a CPU partition: 1 rank per node, from SLURM
         cmds = [(["bash", "launch/multinode/slurm.sbatch", *args],
                  env(**base, SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="n[1-2]",
-                     SLURM_NNODES="2", PATH=f"{stub}{os.pathsep}{env()['PATH']}"))]
+                     SLURM_NNODES="2", SLURM_CPUS_PER_TASK="1",
+                     PATH=f"{stub}{os.pathsep}{env()['PATH']}"))]
     else:
         script = {"torchrun": "torchrun_multinode.sh", "deepspeed_no_ssh": "deepspeed_no_ssh.sh"}
         hostfile = tmp_path / "hostfile"
