@@ -2,6 +2,8 @@
 
     ids [b, s] -> embedding (dense vocab-parallel table, or the Leviathan generator)
                -> num_layers x [ x + Attention(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ]
+                  (grouped-query attention; optional activation recompute: per layer, or
+                  of the attention core only)
                -> RMSNorm -> untied LM head (column-parallel over the padded vocabulary)
                -> per-token loss [b, s] (vocab-parallel cross-entropy) or this rank's logits
 
@@ -30,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ember_ds.tables import mark_token_table
 
@@ -44,6 +47,7 @@ class GPTConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
+    num_query_groups: Optional[int] = None    # grouped-query attention; None: num_heads (MHA)
     ffn_hidden_size: Optional[int] = None     # None: LLaMA's 8/3 * hidden, rounded up to 64
     seq_length: int = 128
     embedding: str = "dense"                  # "dense" | "leviathan"
@@ -54,6 +58,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     params_dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
+    recompute: str = "none"                   # "none" | "full" (per layer) | "attention"
     init_seed: int = 1234
 
     def __post_init__(self):
@@ -64,6 +69,13 @@ class GPTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads {self.num_heads} does not divide hidden_size "
                              f"{self.hidden_size}")
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_heads
+        if self.num_query_groups < 1 or self.num_heads % self.num_query_groups:
+            raise ValueError(f"num_query_groups {self.num_query_groups} must divide num_heads "
+                             f"{self.num_heads}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if isinstance(self.params_dtype, str):
             self.params_dtype = getattr(torch, self.params_dtype)
 
@@ -80,9 +92,21 @@ class GPTConfig:
         if self.num_heads % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide num_heads "
                              f"{self.num_heads}")
+        if self.num_query_groups % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide num_query_groups "
+                             f"{self.num_query_groups} (each rank needs whole key/value groups)")
         if self.ffn_hidden_size % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide ffn_hidden_size "
                              f"{self.ffn_hidden_size}")
+
+    def param_count(self) -> dict:
+        """Parameter counts from the shape alone (no allocation), as GPT.param_counts():
+        embedding (the dense table; see models.leviathan for the generator), body, head."""
+        D, F, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        qkv = (self.num_heads + 2 * self.num_query_groups) * self.head_dim * D
+        layer = qkv + D * D + 3 * D * F + 2 * D
+        VD = self.vocab_size * D
+        return dict(embedding=VD, body=L * layer + D, head=VD)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -108,7 +132,12 @@ PRESETS = {
                 ffn_hidden_size=1408, seq_length=512),
     "410m": dict(vocab_size=50257, hidden_size=1024, num_layers=24, num_heads=16,
                  ffn_hidden_size=2816, seq_length=512),
+    # LLaMA-style ~1.1B (TinyLlama's shape): grouped-query attention (32 heads, 4 key/value
+    # groups), untied head, 32k vocabulary
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
+               num_query_groups=4, ffn_hidden_size=5632, seq_length=2048),
 }
+RECOMPUTE = ("none", "full", "attention")
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,25 +231,44 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings and grouped-query attention: num_heads
+    query heads share num_query_groups key/value heads (MHA when equal). Heads and groups are
+    split across TP ranks."""
+
     def __init__(self, cfg: GPTConfig, mcfg, tp: int, tp_group):
         super().__init__()
-        D = cfg.hidden_size
-        self.local_heads = cfg.num_heads // tp
-        self.head_dim = cfg.head_dim
-        # Full weight [q; k; v] (3D x D); stride 3 gives each rank [q_r; k_r; v_r] of its heads.
-        self.qkv = column_parallel(D, 3 * D, mcfg, tp_group, stride=3)
-        self.proj = row_parallel(D, D, mcfg, tp_group)
+        D, H, G, hd = cfg.hidden_size, cfg.num_heads, cfg.num_query_groups, cfg.head_dim
+        self.local_heads, self.local_groups, self.head_dim = H // tp, G // tp, hd
+        self.recompute = cfg.recompute == "attention"
+        # Full weight [q; k; v] ((H + 2G) hd x D); each rank holds its part of every block,
+        # [q_r; k_r; v_r] (for MHA that is megatron's partition stride 3).
+        self.qkv = column_parallel(D, (H + 2 * G) * hd, mcfg, tp_group, stride=3 if G == H else 1)
+        self.qkv.weight.partition_blocks = (H * hd, G * hd, G * hd)
+        self.proj = row_parallel(H * hd, D, mcfg, tp_group)
 
     def forward(self, x, cos, sin):
-        qkv, _ = self.qkv(x)                                   # [s, b, 3 * local_heads * hd]
+        qkv, _ = self.qkv(x)                            # [s, b, (heads + 2 groups) * hd]
         s, b = qkv.shape[:2]
-        q, k, v = (t.reshape(s, b, self.local_heads, self.head_dim) for t in qkv.chunk(3, -1))
+        hd, nh, ng = self.head_dim, self.local_heads, self.local_groups
+        q, k, v = qkv.split([nh * hd, ng * hd, ng * hd], dim=-1)
+        q, k, v = q.reshape(s, b, nh, hd), k.reshape(s, b, ng, hd), v.reshape(s, b, ng, hd)
+        if self.recompute and torch.is_grad_enabled():
+            # selective recompute: keep q, k, v; redo rotary + attention in the backward
+            y = checkpoint(self._core, q, k, v, cos, sin, use_reentrant=False)
+        else:
+            y = self._core(q, k, v, cos, sin)
+        out, _ = self.proj(y)                           # all-reduce (or reduce-scatter)
+        return out
+
+    def _core(self, q, k, v, cos, sin):
+        s, b, nh, hd = q.shape
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k.shape[2] != nh:                            # query head i uses group i // (nh/ng)
+            k = k.repeat_interleave(nh // k.shape[2], dim=2)
+            v = v.repeat_interleave(nh // v.shape[2], dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # [b, heads, s, hd]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
-        out, _ = self.proj(y)                                  # all-reduce (or reduce-scatter)
-        return out
+        return y.permute(2, 0, 1, 3).reshape(s, b, nh * hd)
 
 
 class SwiGLU(nn.Module):
@@ -353,7 +401,8 @@ class GPT(nn.Module):
             else:
                 full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=g)
             if dim >= 0:
-                full = shard(full, dim, self.tp_rank, self.tp, getattr(p, "partition_stride", 1))
+                full = shard(full, dim, self.tp_rank, self.tp, getattr(p, "partition_stride", 1),
+                             getattr(p, "partition_blocks", None))
             p.copy_(full.to(p.dtype))
 
     # -- forward ----------------------------------------------------------------------------
@@ -371,8 +420,12 @@ class GPT(nn.Module):
         if s > self.cfg.seq_length:
             raise ValueError(f"sequence length {s} exceeds seq_length {self.cfg.seq_length}")
         x = self.embed(input_ids)
+        full = self.cfg.recompute == "full" and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin)
+            if full:   # keep only each layer's input; redo the layer in the backward
+                x = checkpoint(layer, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = layer(x, self.rope_cos, self.rope_sin)
         x = self.norm(x)
         logits, _ = self.lm_head(x)                     # [s, b, padded_vocab / tp]
         logits = self._mask_padded_vocab(logits)
@@ -434,10 +487,14 @@ def _init_tp1_world(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
 
 
-def shard(full: torch.Tensor, dim: int, rank: int, world: int, stride: int = 1):
+def shard(full: torch.Tensor, dim: int, rank: int, world: int, stride: int = 1, blocks=None):
     """This rank's piece of ``full`` split along ``dim`` like megatron-core: ``stride`` *
     ``world`` equal chunks, rank r taking chunks r, r + world, ... (stride > 1 for fused
-    projections such as [q; k; v] or [gate; up])."""
+    projections such as [q; k; v] or [gate; up]). ``blocks`` (sizes along ``dim``) splits
+    each block of a fused projection whose blocks differ in size ([q; k; v] under GQA)."""
+    if blocks is not None:
+        return torch.cat([torch.chunk(part, world, dim=dim)[rank]
+                          for part in torch.split(full, list(blocks), dim=dim)], dim=dim)
     chunks = torch.chunk(full, stride * world, dim=dim)
     return torch.cat(chunks[rank::world], dim=dim).contiguous()
 

@@ -49,7 +49,7 @@ def test_presets_and_errors():
 def reference_loss(model, ids, labels):
     """The same network written with plain torch ops from the (TP=1) weights."""
     cfg = model.cfg
-    V, D, H = cfg.vocab_size, cfg.hidden_size, cfg.num_heads
+    V, D, H, G = cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.num_query_groups
     hd = D // H
 
     def rms(x, w):
@@ -70,9 +70,12 @@ def reference_loss(model, ids, labels):
     b, s = ids.shape
     for layer in model.layers:
         h = rms(x, layer.attn_norm.weight)
-        wq, wk, wv = layer.attn.qkv.weight.chunk(3, dim=0)
-        q, k, v = ((h @ w.t()).view(b, s, H, hd).transpose(1, 2) for w in (wq, wk, wv))
+        wq, wk, wv = layer.attn.qkv.weight.split([H * hd, G * hd, G * hd], dim=0)
+        q = (h @ wq.t()).view(b, s, H, hd).transpose(1, 2)
+        k, v = ((h @ w.t()).view(b, s, G, hd).transpose(1, 2) for w in (wk, wv))
         q, k = rope(q), rope(k)
+        group = torch.arange(H) // (H // G)                       # query head -> its group
+        k, v = k[:, group], v[:, group]
         att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         att = att.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
         y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, s, D)
@@ -85,10 +88,11 @@ def reference_loss(model, ids, labels):
                            reduction="none").view(b, s)
 
 
-@pytest.mark.parametrize("embedding", ["dense", "leviathan"])
-def test_matches_plain_torch_reference(embedding):
+@pytest.mark.parametrize("embedding,groups", [("dense", None), ("leviathan", None), ("dense", 2),
+                                              ("dense", 1)])
+def test_matches_plain_torch_reference(embedding, groups):
     torch.manual_seed(0)
-    model = GPT(small(embedding))
+    model = GPT(small(embedding, num_query_groups=groups))
     ids = torch.randint(0, 200, (2, 16))
     labels = torch.randint(0, 200, (2, 16))
     loss = model(ids, labels=labels)
@@ -205,7 +209,8 @@ def test_tp2_equals_tp1(run_dist):
     gradient, for the dense table and the Leviathan generator (see tests/dist/gpt_tp.py)."""
     results = run_dist("gpt_tp.py", 2)
     for rank, res in enumerate(results):
-        assert set(res) == {"dense", "leviathan", "dense_sp", "leviathan_sp"}
+        assert set(res) == {"dense", "leviathan", "dense_sp", "leviathan_sp",
+                            "dense_sp_gqa_recompute"}
         for case, r in res.items():
             assert r["loss_err"] < 1e-5, (rank, case, r)
             assert r["grad_err"] < 1e-4, (rank, case, r)
@@ -261,3 +266,41 @@ def test_leviathan_in_megatron_gpt_model(monkeypatch):
 
     with pytest.raises(ValueError, match="ties"):
         use_leviathan_in_gpt_model(_megatron_gpt(tied=True))
+
+
+# --------------------------------------------------- grouped-query attention and recompute
+
+def test_grouped_query_attention_config():
+    c = small(num_query_groups=2)
+    assert c.num_query_groups == 2 and small().num_query_groups == 4
+    assert GPT(c).layers[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
+    with pytest.raises(ValueError, match="num_query_groups 3 must divide num_heads 4"):
+        small(num_query_groups=3)
+    with pytest.raises(ValueError, match="does not divide num_query_groups 1"):
+        small(num_query_groups=1).check_tensor_parallel(2)
+    with pytest.raises(ValueError, match="recompute"):
+        small(recompute="some")
+
+
+@pytest.mark.parametrize("recompute", ["full", "attention"])
+def test_recompute_changes_no_gradient(recompute):
+    ids = torch.randint(0, 200, (2, 16))
+    labels = torch.randint(0, 200, (2, 16))
+    grads = {}
+    for mode in ("none", recompute):
+        model = GPT(small(num_query_groups=2, recompute=mode))
+        loss = model(ids, labels=labels)
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["none"].items():
+        torch.testing.assert_close(grads[recompute][name], g, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_param_count_formula_and_1b_preset():
+    for cfg in (small(), small(num_query_groups=2), small(num_query_groups=1)):
+        assert cfg.param_count() == GPT(cfg).param_counts()
+    big = GPTConfig.from_preset("1b")                 # counted, never allocated
+    n = big.param_count()
+    print(f"1b preset: {sum(n.values()):,} parameters ({n})")
+    assert (big.num_heads, big.num_query_groups) == (32, 4)
+    assert 1.0e9 < sum(n.values()) < 1.2e9

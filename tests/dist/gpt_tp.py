@@ -1,5 +1,6 @@
 """GPT at TP=2 equals GPT at TP=1 (same seed): per-token loss and every gradient, fp32, for the
-dense and the Leviathan embedding, with and without sequence parallelism.
+dense and the Leviathan embedding, with and without sequence parallelism, and with grouped-query
+attention (2 key/value groups for 4 heads: one group per rank) and per-layer recompute.
 
 One launch, two ranks (gloo). Phase 1 builds the TP=2 models and keeps losses and local
 gradient shards; phase 2 re-initialises megatron parallel_state with TP=1 (data parallel 2)
@@ -25,14 +26,21 @@ from models.gpt import GPT, GPTConfig                                # noqa: E40
 from models.parallel import init_distributed                         # noqa: E402
 
 LEV = dict(seed_dim=16, heads=4, knots=8, modes=8)
-CASES = [("dense", False), ("leviathan", False), ("dense", True), ("leviathan", True)]
+# (embedding, sequence parallel, grouped-query attention with per-layer recompute at TP=2)
+CASES = [("dense", False, False), ("leviathan", False, False), ("dense", True, False),
+         ("leviathan", True, False), ("dense", True, True)]
 
 
-def config(embedding, sp):
+def config(embedding, sp, gqa=False, recompute="none"):
     # vocab 300 -> padded 512 at TP=2 (rank 1 holds 44 real rows, 212 padded ones), 384 at TP=1
     return GPTConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                     num_query_groups=2 if gqa else None, recompute=recompute,
                      ffn_hidden_size=96, seq_length=16, embedding=embedding, leviathan=dict(LEV),
                      sequence_parallel=sp, init_seed=7)
+
+
+def key(emb, sp, gqa):
+    return f"{emb}{'_sp' if sp else ''}{'_gqa_recompute' if gqa else ''}"
 
 
 def run(model, ids, labels):
@@ -51,12 +59,18 @@ def init_tp(tp):
     model_parallel_cuda_manual_seed(1, inference_rng_tracker=True)
 
 
-def unshard(local, full_shape, stride):
-    """All-gather a TP=2 shard over the world (= the TP group in phase 1) into the full tensor."""
+def unshard(local, full_shape, stride, blocks=None):
+    """All-gather a TP=2 shard over the world (= the TP group in phase 1) into the full tensor
+    (``blocks``: the full sizes of a fused projection's blocks, each split across ranks)."""
     dim = next(d for d in range(local.dim()) if local.shape[d] != full_shape[d])
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local.contiguous())
-    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    if blocks is not None:
+        local_sizes = [b // len(parts) for b in blocks]
+        pieces = [p.split(local_sizes, dim=dim) for p in parts]
+        stride = len(blocks)
+    else:
+        pieces = [p.chunk(stride, dim=dim) for p in parts]
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
 
 
@@ -69,10 +83,11 @@ def main():
 
     init_tp(2)
     tp2 = {}
-    for emb, sp in CASES:
-        model = GPT(config(emb, sp))
+    for emb, sp, gqa in CASES:
+        model = GPT(config(emb, sp, gqa, "full" if gqa else "none"))
         assert model.padded_vocab == 512 and model.lm_head.weight.shape[0] == 256
-        strides = {n: getattr(p, "partition_stride", 1) for n, p in model.named_parameters()}
+        strides = {n: (getattr(p, "partition_stride", 1), getattr(p, "partition_blocks", None))
+                   for n, p in model.named_parameters()}
         logits = model(ids)
         pad_ok = bool(torch.isinf(logits[..., 300 - model.vocab_start:]).all()) \
             if model.vocab_start + 256 > 300 else True
@@ -84,15 +99,15 @@ def main():
             meta = table_meta(t)
             tables_ok &= (meta.global_rows, meta.row_offset) == (512, 256 * rank) \
                 and meta.row_groups == [ps.get_tensor_model_parallel_group()]
-        tp2[(emb, sp)] = (*run(model, ids, labels), strides, pad_ok, tables_ok,
+        tp2[(emb, sp, gqa)] = (*run(model, ids, labels), strides, pad_ok, tables_ok,
                           model.param_counts())
 
     init_tp(1)
     result = {}
-    for emb, sp in CASES:
-        model = GPT(config(emb, False))
+    for emb, sp, gqa in CASES:
+        model = GPT(config(emb, False, gqa))
         loss1, grads1 = run(model, ids, labels)
-        loss2, grads2, strides, pad_ok, tables_ok, counts2 = tp2[(emb, sp)]
+        loss2, grads2, strides, pad_ok, tables_ok, counts2 = tp2[(emb, sp, gqa)]
         grad_err, names = 0.0, 0
         for name, g1 in grads1.items():
             g2 = grads2[name]
@@ -103,11 +118,11 @@ def main():
                     grad_err = max(grad_err, g2[300:].abs().max().item())
                     g2 = g2[:g1.shape[0]]
                 else:
-                    g2 = unshard(g2, g1.shape, strides[name])
+                    g2 = unshard(g2, g1.shape, *strides[name])
             scale = g1.abs().max().item() + 1e-12
             grad_err = max(grad_err, (g2 - g1).abs().max().item() / scale)
             names += 1
-        result[f"{emb}{'_sp' if sp else ''}"] = dict(
+        result[key(emb, sp, gqa)] = dict(
             loss_err=(loss2 - loss1).abs().max().item(), loss=loss1.mean().item(),
             grad_err=grad_err, params=names, pad_ok=pad_ok, tables_ok=bool(tables_ok),
             counts_ok=counts2 == model.param_counts())
