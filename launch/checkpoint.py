@@ -209,8 +209,9 @@ class Checkpointer:
             if self.rank == 0:
                 write_atomic(staging / tag / TRAIN_STATE, json.dumps(train_state, indent=1))
         except (OSError, RuntimeError) as e:
+            message = self._io_message(e, tag, staging)
             self._discard(staging)
-            raise CheckpointIOError(self._io_message(e, tag, staging)) from e
+            raise CheckpointIOError(message) from e
         self.dist.barrier()
         folder = staging / tag
         if self.manifest:
@@ -224,7 +225,7 @@ class Checkpointer:
             self._agree(error)
             if self.rank == 0:
                 error = self._try(lambda: write_atomic(folder / MANIFEST, json.dumps(
-                    {"format": 1, "tag": tag, "algorithm": "sha256", "files": files}, indent=0)),
+                    {"format": 1, "tag": tag, "algorithm": "sha256", "files": files}, indent=1)),
                     tag, staging)
             self._agree(error)
         fault("kill:save-manifest", step, self.rank)
@@ -237,7 +238,12 @@ class Checkpointer:
         latest = find_checkpoint(self.root)
         kept = (f"; the previous checkpoint {latest[0]} is intact and named by latest"
                 if latest else "")
-        return (describe_io_error(e, f"checkpoint {tag} in {self.root}", self.root)
+        name = getattr(e, "filename", None)
+        if not name:                 # torch's writer does not say which file: the newest one
+            written = [p for p in staging.rglob("*") if p.is_file()]
+            name = max(written, key=lambda p: p.stat().st_mtime).name if written else None
+        what = f"{tag}/{Path(name).name}" if name else tag
+        return (describe_io_error(e, f"checkpoint {what} in {self.root}", self.root)
                 + f"{kept}; free space (or fix the folder) and rerun with --resume")
 
     def _try(self, fn, tag, staging) -> Optional[str]:
@@ -245,8 +251,9 @@ class Checkpointer:
             fn()
             return None
         except OSError as e:
+            message = self._io_message(e, tag, staging)
             self._discard(staging)
-            return self._io_message(e, tag, staging)
+            return message
 
     def _discard(self, staging: Path) -> None:
         if self.rank == 0:

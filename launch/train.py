@@ -423,8 +423,12 @@ class Trainer:
             out=str(self.out), metrics_csv=str(metrics.path), data=str(self.prepared.path),
             checkpoint=(str(Path(args.save) / tag_of(step))
                         if self.ckpt and (Path(args.save) / tag_of(step)).is_dir() else None))
-        _log(f"validation loss after:  {val_loss:.4f} (ppl {_ppl(val_loss):.1f}) at step {step}; "
-             f"{summary['tokens_per_s']:,.0f} tokens/s over {done} steps", self.rank)
+        if stopped == "non-finite":
+            summary.update(val_loss_after=None, val_ppl_after=None)
+            _log(f"stopped at step {step}: non-finite losses", self.rank)
+        else:
+            _log(f"validation loss after:  {val_loss:.4f} (ppl {_ppl(val_loss):.1f}) at step "
+                 f"{step}; {summary['tokens_per_s']:,.0f} tokens/s over {done} steps", self.rank)
         if self.rank == 0:
             metrics.close()
             plot = metrics.plot(f"{args.preset} GPT, {args.embedding} embedding, "
