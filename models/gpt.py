@@ -3,7 +3,7 @@
     ids [b, s] -> embedding (dense vocab-parallel table, or the Leviathan generator)
                -> num_layers x [ x + Attention(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ]
                   (grouped-query attention; optional activation recompute: per layer, or
-                  of the attention core only)
+                  selectively the attention core or the MLP's wide hidden activations)
                -> RMSNorm -> untied LM head (column-parallel over the padded vocabulary)
                -> per-token loss [b, s] (vocab-parallel cross-entropy) or this rank's logits
 
@@ -58,7 +58,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     params_dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
-    recompute: str = "none"                   # "none" | "full" (per layer) | "attention"
+    recompute: str = "none"                   # "none" | "full" (per layer) | "attention" | "mlp"
     init_seed: int = 1234
 
     def __post_init__(self):
@@ -137,7 +137,7 @@ PRESETS = {
     "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
                num_query_groups=4, ffn_hidden_size=5632, seq_length=2048),
 }
-RECOMPUTE = ("none", "full", "attention")
+RECOMPUTE = ("none", "full", "attention", "mlp")
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,12 +278,22 @@ class SwiGLU(nn.Module):
         # Full weight [gate; up] (2F x D); stride 2 gives each rank [gate_r; up_r].
         self.gate_up = column_parallel(D, 2 * Fh, mcfg, tp_group, stride=2)
         self.down = row_parallel(Fh, D, mcfg, tp_group)
+        self.recompute = cfg.recompute == "mlp"
 
     def forward(self, x):
+        if self.recompute and torch.is_grad_enabled():
+            # selective recompute: keep the input; redo gate/up (2F wide) and SiLU in the
+            # backward (under sequence parallelism that replays the input's all-gather)
+            h = checkpoint(self._hidden, x, use_reentrant=False)
+        else:
+            h = self._hidden(x)
+        out, _ = self.down(h)
+        return out
+
+    def _hidden(self, x):
         gate_up, _ = self.gate_up(x)
         gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
-        return out
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):

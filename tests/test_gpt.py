@@ -282,7 +282,7 @@ def test_grouped_query_attention_config():
         small(recompute="some")
 
 
-@pytest.mark.parametrize("recompute", ["full", "attention"])
+@pytest.mark.parametrize("recompute", ["full", "attention", "mlp"])
 def test_recompute_changes_no_gradient(recompute):
     ids = torch.randint(0, 200, (2, 16))
     labels = torch.randint(0, 200, (2, 16))
