@@ -35,15 +35,9 @@ cd "$(dirname "$0")/../.."
 HOSTFILE=${HOSTFILE:-launch/multinode/hostfile}
 [ -f "$HOSTFILE" ] || { echo "hostfile not found: $HOSTFILE (see launch/multinode/hostfile.example)" >&2; exit 2; }
 
-# [launcher flags] -- [train.py flags]
-LAUNCHER_ARGS=() TRAIN_ARGS=("$@")
-for ((i = 1; i <= $#; i++)); do
-  if [ "${!i}" = "--" ]; then
-    LAUNCHER_ARGS=("${@:1:i-1}")
-    TRAIN_ARGS=("${@:i+1}")
-    break
-  fi
-done
+# shellcheck disable=SC1091
+. launch/multinode/env.sh
+split_args "$@"          # [launcher flags] -- [train.py flags]
 SSH_PORT="" NUM_NODES=""
 for ((i = 0; i < ${#LAUNCHER_ARGS[@]}; i++)); do
   a=${LAUNCHER_ARGS[i]}
@@ -64,11 +58,9 @@ for ((i = 0; i < ${#LAUNCHER_ARGS[@]}; i++)); do
 done
 DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
 if [ -z "${MASTER_ADDR:-}" ]; then
-  MASTER_ADDR=$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1; exit}')
+  MASTER_ADDR=$(awk '!/^[[:space:]]*#/ && NF {print $1; exit}' "$HOSTFILE")
 fi
-export MASTER_ADDR
-# shellcheck disable=SC1091
-. launch/multinode/env.sh
+export MASTER_ADDR MASTER_PORT
 
 if [ -z "${EMBER_SKIP_SSH_CHECK:-}" ] && [ "$DS_LAUNCHER" = pdsh ]; then
   if ! bash launch/multinode/check.sh --ssh-only ${SSH_PORT:+--ssh-port "$SSH_PORT"} "$HOSTFILE" >&2; then
@@ -108,7 +100,7 @@ export DS_ENV_FILE=$ENV_FILE
 # JSON value such as --model 'leviathan={"modes":32}' reaches train.py unchanged (DeepSpeed
 # passes them unquoted). Only when DeepSpeed goes multi-node (more than one host, no
 # --num_nodes 1); on one host it starts train.py without a shell.
-n_hosts=$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF' | wc -l)
+n_hosts=$(awk '!/^[[:space:]]*#/ && NF {n++} END {print n + 0}' "$HOSTFILE")
 if [ "$DS_LAUNCHER" = pdsh ] && [ "$n_hosts" -gt 1 ] && [ "$NUM_NODES" != 1 ]; then
   quoted=()
   for a in "${TRAIN_ARGS[@]}"; do quoted+=("$(printf '%q' "$a")"); done

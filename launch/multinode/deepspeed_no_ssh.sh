@@ -12,8 +12,10 @@
 #                                                  (node 1: NODE_RANK=1, same flags)
 #
 # HOSTFILE (default launch/multinode/hostfile): one line per node, "<name> slots=<processes>", in
-# node-rank order (see hostfile.example); the names only label the nodes here. Everything after
-# the script name goes to launch/train.py. Environment: see env.sh.
+# node-rank order (see hostfile.example); the names only label the nodes here.
+#   deepspeed_no_ssh.sh [LAUNCHER FLAGS --] TRAIN.PY FLAGS
+# flags before a "--" go to DeepSpeed's launcher (--include, --exclude, --num_gpus, ...), the
+# rest to launch/train.py; without a "--" everything goes to launch/train.py. Environment: env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck disable=SC1091
@@ -23,5 +25,7 @@ HOSTFILE=${HOSTFILE:-launch/multinode/hostfile}
 : "${NODE_RANK:?set NODE_RANK to this node's line in $HOSTFILE, counting from 0}"
 [ -f "$HOSTFILE" ] || { echo "hostfile not found: $HOSTFILE (see launch/multinode/hostfile.example)" >&2; exit 2; }
 echo "[deepspeed_no_ssh] node $NODE_RANK of $HOSTFILE, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+split_args "$@"
 exec python -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" launch/train.py "$@"
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${LAUNCHER_ARGS[@]}" \
+  launch/train.py "${TRAIN_ARGS[@]}"

@@ -42,3 +42,17 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
   fi
 fi
 export OMP_NUM_THREADS PYTHONUNBUFFERED=1
+
+# split_args "$@": flags before a "--" go to the launcher (LAUNCHER_ARGS), those after it to
+# launch/train.py (TRAIN_ARGS); without a "--" everything goes to launch/train.py.
+split_args() {
+  LAUNCHER_ARGS=() TRAIN_ARGS=("$@")
+  local i
+  for ((i = 1; i <= $#; i++)); do
+    if [ "${!i}" = "--" ]; then
+      LAUNCHER_ARGS=("${@:1:i-1}")
+      TRAIN_ARGS=("${@:i+1}")
+      return
+    fi
+  done
+}
