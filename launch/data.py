@@ -53,6 +53,7 @@ import shutil
 import sys
 import time
 import uuid
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -98,9 +99,24 @@ def _is_data_file(path: Path) -> bool:
     return fmt in TEXT_SUFFIXES or fmt in JSONL_SUFFIXES
 
 
-def resolve_inputs(paths: Optional[Sequence[str | os.PathLike]]) -> list[Path]:
+@dataclass(frozen=True)
+class MegatronPrefix:
+    """One ``weight prefix`` pair of ``--data-path``: ``prefix.bin`` / ``prefix.idx`` written by
+    megatron's preprocess_data.py (or any IndexedDatasetBuilder)."""
+    weight: float
+    prefix: str
+
+
+def resolve_inputs(paths: Optional[Sequence]) -> list:
     """Expand ``paths`` (files and folders; empty: the shipped corpus) into a sorted,
-    de-duplicated list of data files. A missing path, or a folder holding no data file, raises."""
+    de-duplicated list of data files. A missing path, or a folder holding no data file, raises.
+    Megatron prefixes (``--data-path``) are checked (both files present, a readable index) and
+    returned as given."""
+    if paths and any(isinstance(p, MegatronPrefix) for p in paths):
+        from launch.megatron_data import check_prefix
+        for p in paths:
+            check_prefix(p)
+        return list(paths)
     if not paths:
         paths = [DEFAULT_CORPUS]
     files: list[Path] = []
@@ -129,48 +145,80 @@ def resolve_inputs(paths: Optional[Sequence[str | os.PathLike]]) -> list[Path]:
     return unique
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed according to its last suffix."""
+def _open_binary(path: Path):
     _, comp = _split_suffix(path)
+    return COMPRESSORS[comp](path, "rb") if comp else open(path, "rb")
+
+
+def _read_error(path: Path, e: BaseException) -> DataError:
+    _, comp = _split_suffix(path)
+    return DataError(f"{path}: cannot read{' ' + comp + '-compressed data' if comp else ''} ({e})")
+
+
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+CHUNK = 1 << 20
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """The lines of one input file, decoded as UTF-8 while streaming (memory: one 1 MiB chunk and
+    one line): a BOM is dropped, CRLF / CR become LF. Empty (whitespace only), binary (NUL bytes in
+    the first MiB) and non-UTF-8 files raise a DataError naming the file (byte offset and line)."""
     try:
-        if comp:
-            with COMPRESSORS[comp](path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise DataError(f"{path}: cannot read{' ' + comp + '-compressed data' if comp else ''} "
-                        f"({e})") from e
+        fh = _open_binary(path)
+    except READ_ERRORS as e:
+        raise _read_error(path, e) from e
+    offset, lineno, rest, content, first = 0, 0, b"", False, True
+    with fh:
+        while True:
+            try:
+                chunk = fh.read(CHUNK)
+            except READ_ERRORS as e:
+                raise _read_error(path, e) from e
+            if first:
+                first = False
+                nul = chunk.find(b"\x00")
+                if nul >= 0:
+                    raise DataError(f"{path} looks like a binary file (NUL byte at offset {nul}); "
+                                    "expected UTF-8 text (.txt/.md) or JSON lines (.jsonl)")
+                if chunk.startswith(b"\xef\xbb\xbf"):
+                    chunk, offset = chunk[3:], 3
+            if not chunk:
+                lines, rest = ([rest] if rest else []), b""
+            else:
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+            for raw in lines:
+                lineno += 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte "
+                                    f"{offset + e.start}, line {lineno}); convert it first, e.g. "
+                                    "`iconv -f latin1 -t utf-8 in.txt > out.txt`") from e
+                offset += len(raw) + 1
+                if not content and line.strip():
+                    content = True
+                if "\r" in line:
+                    yield from line.rstrip("\r").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                else:
+                    yield line
+            if not chunk:
+                break
+    if not content:
+        raise DataError(f"{path} is empty")
 
 
 def read_text(path: Path) -> str:
-    """Decode one input file as UTF-8 (a BOM is dropped, CRLF becomes LF); empty, binary and
-    non-UTF-8 files raise a DataError naming the file."""
-    raw = read_bytes(path)
-    if not raw.strip():
-        raise DataError(f"{path} is empty")
-    nul = raw.find(b"\x00", 0, 1 << 20)
-    if nul >= 0:
-        raise DataError(f"{path} looks like a binary file (NUL byte at offset {nul}); expected "
-                        "UTF-8 text (.txt/.md) or JSON lines (.jsonl)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}, line {line}); "
-                        "convert it first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`") from e
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-_BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n\s*")
+    """A whole (small) input file as text: see ``iter_lines`` for the decoding and errors."""
+    return "\n".join(iter_lines(path))
 
 
 def iter_file_documents(path: Path, jsonl_key: str = "text") -> Iterator[str]:
-    """The documents of one file (see the module docstring for the formats)."""
+    """The documents of one file, streamed (see the module docstring for the formats)."""
     fmt, _ = _split_suffix(path)
-    text = read_text(path)
     count = 0
     if fmt in JSONL_SUFFIXES:
-        for lineno, line in enumerate(text.split("\n"), 1):
+        for lineno, line in enumerate(iter_lines(path), 1):
             if not line.strip():
                 continue
             try:
@@ -189,11 +237,20 @@ def iter_file_documents(path: Path, jsonl_key: str = "text") -> Iterator[str]:
                 count += 1
                 yield obj.strip()
     else:
-        for doc in _BLANK_LINES.split(text):
-            doc = doc.strip()
-            if doc:
-                count += 1
-                yield doc
+        doc: list[str] = []
+        for line in iter_lines(path):
+            if line.strip(" \t\f\v"):
+                doc.append(line)
+            elif doc:
+                text = "\n".join(doc).strip()
+                doc = []
+                if text:
+                    count += 1
+                    yield text
+        text = "\n".join(doc).strip()
+        if text:
+            count += 1
+            yield text
     if count == 0:
         raise DataError(f"{path} holds no non-empty document")
 
@@ -222,9 +279,12 @@ class DataSettings:
     val_fraction: float = 0.05        # share of documents held out for validation
     split_seed: int = 1234            # seeds the train/validation split and tokenizer training
     jsonl_key: str = "text"
-    tokenizer: Optional[str] = None   # an existing SentencePiece .model instead of training one
+    tokenizer: Optional[str] = None   # an existing tokenizer instead of training one (any kind
+                                      # launch/tokenization.py reads)
     character_coverage: float = 1.0
     byte_fallback: Optional[bool] = None   # None: on when vocab_size >= 1024
+    eod_token: Optional[str] = None   # end-of-document token of an existing tokenizer
+    workers: int = 0                  # tokenizing processes; 0: by input size (not in the key)
 
     def check(self) -> None:
         if self.tokenizer is None:
@@ -233,14 +293,36 @@ class DataSettings:
             if self.tokenizer_type not in TOKENIZER_TYPES:
                 raise DataError(f"unknown tokenizer type {self.tokenizer_type!r}; choose from "
                                 f"{', '.join(TOKENIZER_TYPES)}")
-        elif not Path(self.tokenizer).is_file():
-            raise DataError(f"tokenizer model not found: {self.tokenizer}")
+            if self.eod_token is not None:
+                raise DataError("--eod-token names a token of an existing --tokenizer; a trained "
+                                "SentencePiece model ends documents with </s>")
+        else:
+            self.load_tokenizer()
         if not 0.0 < self.val_fraction <= 0.5:
             raise DataError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        if self.workers < 0:
+            raise DataError(f"workers must be >= 0, got {self.workers}")
+
+    def load_tokenizer(self):
+        """The existing tokenizer named by ``tokenizer`` (a DataError names a bad file)."""
+        from launch.tokenization import TokenizerError, load_tokenizer
+        try:
+            return load_tokenizer(self.tokenizer, self.eod_token)
+        except TokenizerError as e:
+            raise DataError(str(e)) from e
 
     @property
     def use_byte_fallback(self) -> bool:
         return self.vocab_size >= 1024 if self.byte_fallback is None else bool(self.byte_fallback)
+
+
+def tokenizer_digest(settings: DataSettings) -> str:
+    """Identifies an existing tokenizer: a SentencePiece file's bytes, else the normalized
+    tokenizer (its tokenizer.json and end-of-document token)."""
+    path = Path(settings.tokenizer).expanduser()
+    if path.is_file() and path.suffix == ".model":
+        return file_digest(path)
+    return settings.load_tokenizer().fingerprint()
 
 
 def cache_key(files: Sequence[Path], settings: DataSettings) -> tuple[str, dict]:
@@ -249,8 +331,12 @@ def cache_key(files: Sequence[Path], settings: DataSettings) -> tuple[str, dict]
             "settings": {**asdict(settings), "tokenizer": None,
                          "byte_fallback": settings.use_byte_fallback},
             "inputs": [file_digest(f) for f in files]}
+    for k in ("workers", "eod_token"):          # workers never change the result
+        desc["settings"].pop(k)
     if settings.tokenizer:
-        desc["tokenizer_digest"] = file_digest(Path(settings.tokenizer))
+        desc["tokenizer_digest"] = tokenizer_digest(settings)
+        if settings.eod_token is not None:
+            desc["eod_token"] = settings.eod_token
         for k in ("vocab_size", "tokenizer_type", "character_coverage", "byte_fallback"):
             desc["settings"].pop(k)
     blob = json.dumps(desc, sort_keys=True).encode()
@@ -265,7 +351,7 @@ class PreparedData:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.model"
+        return self.path / self.meta.get("tokenizer_file", "tokenizer.model")
 
     @property
     def vocab_size(self) -> int:
@@ -280,8 +366,10 @@ class PreparedData:
         return self.meta["digest"]
 
     def tokenizer(self):
-        import sentencepiece as spm
-        return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
+        """The tokenizer (a SentencePieceProcessor, or a tokenizers.Tokenizer): ``.decode(ids)``."""
+        from launch.tokenization import load_cached
+        tok = load_cached(self.path, self.tokenizer_path.name)
+        return tok.sp if tok.kind == "sentencepiece" else tok.tok
 
     def prefix(self, split: str) -> str:
         if split not in SPLITS:
@@ -308,7 +396,8 @@ def _read_marker(folder: Path, key: str) -> Optional[dict]:
         return None
     if meta.get("key") != key or meta.get("complete") is not True:
         return None
-    for name in ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+    for name in (meta.get("tokenizer_file", "tokenizer.model"), "train.bin", "train.idx",
+                 "valid.bin", "valid.idx"):
         if not (folder / name).is_file():
             return None
     return meta
@@ -322,13 +411,20 @@ def find_prepared(files: Sequence[Path], settings: DataSettings,
     return PreparedData(folder, meta) if meta else None
 
 
-def prepare_data(paths: Optional[Sequence[str | os.PathLike]] = None,
+def prepare_data(paths: Optional[Sequence] = None,
                  cache_dir: Optional[str | os.PathLike] = None,
                  settings: DataSettings = DataSettings(),
-                 log: Callable[[str], None] = print) -> PreparedData:
+                 log: Callable[[str], None] = print):
     """Return the prepared data for ``paths`` and ``settings``, building it when the cache has no
     complete copy. Safe to call from several processes at once (each builds under its own
-    temporary name; the first complete rename wins, the others use it)."""
+    temporary name; the first complete rename wins, the others use it).
+
+    ``paths`` may instead hold megatron-preprocessed prefixes (``--data-path``): those are used
+    in place (nothing is built or cached), see launch/megatron_data.py."""
+    if paths and any(isinstance(p, MegatronPrefix) for p in paths):
+        from launch.megatron_data import prepare_blend
+        settings.check()
+        return prepare_blend(resolve_inputs(paths), settings, log)
     settings.check()
     files = resolve_inputs(paths)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -383,15 +479,100 @@ def _publish(tmp: Path, final: Path, key: str) -> None:
     raise DataError(f"could not move prepared data into {final}")
 
 
+# Tokenizing: one process, or a pool of workers each holding the tokenizer; the main process
+# streams the documents in batches, keeps at most 2 batches per worker in flight and writes the
+# results in order (the output does not depend on the number of workers).
+BATCH_DOCS, BATCH_CHARS = 512, 4 << 20
+AUTO_WORKERS_BYTES = 64 << 20          # inputs smaller than this are tokenized in-process
+
+_WORKER: dict = {}
+
+
+def _worker_init(folder: str, file_name: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"     # our processes are the parallelism
+    from launch.tokenization import load_cached
+    _WORKER["tok"] = load_cached(Path(folder), file_name)
+
+
+def _worker_encode(texts: list[str]) -> list[list[int]]:
+    return _WORKER["tok"].encode_batch(texts)
+
+
+def _count_file(args) -> int:
+    path, jsonl_key = args
+    return sum(1 for _ in iter_file_documents(Path(path), jsonl_key))
+
+
+def _n_workers(files: Sequence[Path], settings: DataSettings) -> int:
+    if settings.workers:
+        return settings.workers
+    size = sum(f.stat().st_size for f in files)
+    return 1 if size < AUTO_WORKERS_BYTES else max(1, min(8, (os.cpu_count() or 1)))
+
+
+def _doc_batches(files, jsonl_key) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for doc in iter_documents(files, jsonl_key):
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded_batches(files, settings, tok, out: Path, workers: int):
+    """(documents, their token id lists) per batch, in input order."""
+    if workers <= 1:
+        for batch in _doc_batches(files, settings.jsonl_key):
+            yield batch, tok.encode_batch(batch)
+        return
+    import collections
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(out), tok.file_name)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in _doc_batches(files, settings.jsonl_key):
+            pending.append((batch, pool.apply_async(_worker_encode, (batch,))))
+            if len(pending) >= 2 * workers:
+                b, r = pending.popleft()
+                yield b, r.get()
+        while pending:
+            b, r = pending.popleft()
+            yield b, r.get()
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar on stderr when it is a terminal (or EMBER_PROGRESS=1), else a no-op."""
+    show = os.environ.get("EMBER_PROGRESS", "")
+    try:
+        from tqdm import tqdm
+    except ImportError:        # pragma: no cover
+        tqdm = None
+    if tqdm is None or show == "0" or (show != "1" and not sys.stderr.isatty()):
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="doc", file=sys.stderr, dynamic_ncols=True)
+
+
 def _build(files: Sequence[Path], settings: DataSettings, out: Path, log) -> dict:
-    import sentencepiece as spm
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    workers = _n_workers(files, settings)
     # pass 1: validate every file and count documents (errors name the file before any work)
-    counts = []
-    for f in files:
-        counts.append(sum(1 for _ in iter_file_documents(f, settings.jsonl_key)))
+    if workers > 1 and len(files) > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(min(workers, len(files))) as pool:
+            counts = pool.map(_count_file, [(str(f), settings.jsonl_key) for f in files])
+    else:
+        counts = [_count_file((f, settings.jsonl_key)) for f in files]
     n_docs = sum(counts)
     if n_docs < 2:
         raise DataError(f"{', '.join(map(str, files))}: only {n_docs} document; at least 2 are "
@@ -402,71 +583,78 @@ def _build(files: Sequence[Path], settings: DataSettings, out: Path, log) -> dic
     is_val = np.zeros(n_docs, dtype=bool)
     is_val[rng.choice(n_docs, n_val, replace=False)] = True
 
-    # tokenizer: trained on the train documents' lines, deterministically
-    model_path = out / "tokenizer.model"
+    # tokenizer: an existing one, or SentencePiece trained on the train documents' lines
     if settings.tokenizer:
-        shutil.copyfile(settings.tokenizer, model_path)
+        tok = settings.load_tokenizer()
+        tok_file = tok.save(out)
     else:
-        def lines():
-            for i, doc in enumerate(iter_documents(files, settings.jsonl_key)):
-                if not is_val[i]:
-                    for line in doc.split("\n"):
-                        if line.strip():
-                            yield line
-        spm.set_random_generator_seed(settings.split_seed)
-        buf = io.BytesIO()
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=lines(), model_writer=buf, vocab_size=settings.vocab_size,
-                model_type=settings.tokenizer_type, character_coverage=settings.character_coverage,
-                byte_fallback=settings.use_byte_fallback, unk_id=0, bos_id=1, eos_id=2,
-                pad_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                num_threads=1, minloglevel=2)
-        except RuntimeError as e:
-            raise DataError(f"training the SentencePiece tokenizer (vocab {settings.vocab_size}, "
-                            f"{settings.tokenizer_type}) on {len(files)} file(s) failed: {e}. "
-                            "A smaller --vocab-size or more text usually fixes this.") from e
-        model_path.write_bytes(buf.getvalue())
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    vocab = sp.get_piece_size()
-    eod = sp.eos_id()
-    if eod < 0:
-        raise DataError(f"tokenizer {settings.tokenizer or model_path} has no </s> (eos) piece "
-                        "to end documents with")
+        _train_sentencepiece(files, settings, is_val, out / "tokenizer.model")
+        tok_file = "tokenizer.model"
+    from launch.tokenization import load_cached
+    tok = load_cached(out, tok_file)
+    eod = tok.eod_id if not settings.tokenizer else settings.load_tokenizer().eod_id
+    vocab = tok.vocab_size
     dtype = DType.optimal_dtype(vocab)
 
-    # pass 2: encode, one document per sequence, EOD-terminated
+    # pass 2: encode (workers), one document per sequence, EOD-terminated
     builders = {s: IndexedDatasetBuilder(str(out / f"{s}.bin"), dtype=dtype) for s in SPLITS}
     n_tok = {s: 0 for s in SPLITS}
     n_doc = {s: 0 for s in SPLITS}
-    batch, batch_split = [], []
-
-    def flush():
-        for ids, split in zip(sp.encode(batch, out_type=int), batch_split):
-            ids.append(eod)
-            builders[split].add_item(torch.tensor(ids, dtype=torch.int64))
-            builders[split].end_document()
-            n_tok[split] += len(ids)
-            n_doc[split] += 1
-        batch.clear()
-        batch_split.clear()
-
-    for i, doc in enumerate(iter_documents(files, settings.jsonl_key)):
-        batch.append(doc)
-        batch_split.append("valid" if is_val[i] else "train")
-        if len(batch) >= 512:
-            flush()
-    flush()
+    i = 0
+    bar = _progress(n_docs, f"tokenizing ({workers} worker{'s' if workers > 1 else ''})")
+    try:
+        for batch, encoded in _encoded_batches(files, settings, tok, out, workers):
+            for ids in encoded:
+                split = "valid" if is_val[i] else "train"
+                i += 1
+                arr = np.empty(len(ids) + 1, dtype=np.int64)
+                arr[:-1] = ids
+                arr[-1] = eod
+                builders[split].add_item(torch.from_numpy(arr))
+                builders[split].end_document()
+                n_tok[split] += len(arr)
+                n_doc[split] += 1
+            bar.update(len(batch))
+    finally:
+        bar.close()
     h = hashlib.blake2b(digest_size=16)
     for s in SPLITS:
         builders[s].finalize(str(out / f"{s}.idx"))
-    for name in ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+    for name in (tok_file, "train.bin", "train.idx", "valid.bin", "valid.idx"):
         h.update(file_digest(out / name).encode())
     return {"complete": False, "format": FORMAT_VERSION, "vocab_size": vocab, "eod_id": eod,
             "dtype": np.dtype(dtype).name, "train_docs": n_doc["train"],
             "valid_docs": n_doc["valid"], "train_tokens": n_tok["train"],
             "valid_tokens": n_tok["valid"], "files": [str(f) for f in files],
-            "docs_per_file": counts, "settings": asdict(settings), "digest": h.hexdigest()}
+            "docs_per_file": counts, "settings": asdict(settings), "tokenizer_file": tok_file,
+            "tokenizer_kind": tok.kind, "workers": workers, "digest": h.hexdigest()}
+
+
+def _train_sentencepiece(files, settings: DataSettings, is_val, model_path: Path) -> None:
+    """SentencePiece trained on the train documents' lines, deterministically (a sample of at
+    most 2 M lines is held in memory)."""
+    import sentencepiece as spm
+
+    def lines():
+        for i, doc in enumerate(iter_documents(files, settings.jsonl_key)):
+            if not is_val[i]:
+                for line in doc.split("\n"):
+                    if line.strip():
+                        yield line
+    spm.set_random_generator_seed(settings.split_seed)
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=buf, vocab_size=settings.vocab_size,
+            model_type=settings.tokenizer_type, character_coverage=settings.character_coverage,
+            byte_fallback=settings.use_byte_fallback, unk_id=0, bos_id=1, eos_id=2,
+            pad_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"training the SentencePiece tokenizer (vocab {settings.vocab_size}, "
+                        f"{settings.tokenizer_type}) on {len(files)} file(s) failed: {e}. "
+                        "A smaller --vocab-size or more text usually fixes this.") from e
+    model_path.write_bytes(buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,6 +667,11 @@ class TokenWindows:
     def __init__(self, tokens: np.ndarray, seq_length: int, name: str = "data"):
         self.tokens = tokens
         self.seq_length = int(seq_length)
+        self._samples = None
+        if hasattr(tokens, "windows"):          # a blend of megatron prefixes
+            self._samples = tokens.windows(self.seq_length, name)
+            self.num_samples = len(self._samples)
+            return
         self.num_samples = (len(tokens) - 1) // self.seq_length
         if self.num_samples < 1:
             raise DataError(f"the {name} split has {len(tokens)} tokens, fewer than "
@@ -489,6 +682,8 @@ class TokenWindows:
         return self.num_samples
 
     def __getitem__(self, i: int) -> np.ndarray:
+        if self._samples is not None:
+            return self._samples[int(i)]
         start = int(i) * self.seq_length
         return np.asarray(self.tokens[start:start + self.seq_length + 1], dtype=np.int64)
 
@@ -564,28 +759,87 @@ def eval_indices(num_samples: int, max_samples: int, dp_size: int, dp_rank: int)
 # CLI: python launch/data.py --data FILES... [--vocab-size N]  (prepare and print a summary)
 # --------------------------------------------------------------------------------------------
 
+class _DataAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "data", None) and any(
+                isinstance(v, MegatronPrefix) for v in namespace.data):
+            parser.error("give either --data (text files) or --data-path (megatron prefixes)")
+        setattr(namespace, "data", values)
+
+
+class _DataPathAction(argparse.Action):
+    """--data-path [weight] prefix [weight prefix ...] (Megatron's blend syntax) -> a list of
+    MegatronPrefix in ``args.data``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "data", None) and not all(
+                isinstance(v, MegatronPrefix) for v in namespace.data):
+            parser.error("give either --data (text files) or --data-path (megatron prefixes)")
+        try:
+            pairs = parse_data_path(values)
+        except DataError as e:
+            parser.error(str(e))
+        setattr(namespace, "data", pairs)
+
+
+def parse_data_path(values: Sequence[str]) -> list[MegatronPrefix]:
+    """Megatron's blend syntax: ``prefix`` alone, or ``weight prefix [weight prefix ...]``."""
+    values = list(values)
+    if len(values) == 1:
+        return [MegatronPrefix(1.0, values[0])]
+    if len(values) % 2:
+        raise DataError(f"--data-path takes one prefix, or weight / prefix pairs; got {len(values)} "
+                        f"values: {' '.join(values)}")
+    out = []
+    for w, prefix in zip(values[::2], values[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            raise DataError(f"--data-path: {w!r} is not a weight (expected weight prefix pairs, "
+                            f"e.g. --data-path 0.7 /data/web_text_document 0.3 /data/books_text_document)")
+        if not weight > 0:
+            raise DataError(f"--data-path: weight {w} of {prefix} must be > 0")
+        out.append(MegatronPrefix(weight, prefix))
+    return out
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH", action=_DataAction,
                    help="text files / folders (.txt .md .jsonl, optionally .gz .xz .bz2); "
                         "default: the shipped corpus launch/corpus/kjv.txt.xz")
+    g.add_argument("--data-path", nargs="+", action=_DataPathAction, dest="data",
+                   metavar="[WEIGHT] PREFIX",
+                   help="megatron-preprocessed PREFIX.bin/.idx files trained on in place, blended "
+                        "by weight as in Megatron: --data-path 0.7 /d/web_text_document 0.3 "
+                        "/d/books_text_document (needs --tokenizer, the one they were made with)")
     g.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece vocabulary size (default 8192)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="bpe",
                    help="SentencePiece model type (default bpe)")
-    g.add_argument("--tokenizer", default=None, help="use this SentencePiece .model instead of "
-                   "training one")
+    g.add_argument("--tokenizer", default=None,
+                   help="use an existing tokenizer instead of training one: a SentencePiece "
+                        ".model, a Hugging Face tokenizer.json or tokenizer folder, or GPT-2 BPE "
+                        "files (a folder with vocab.json + merges.txt, or the vocab.json)")
+    g.add_argument("--eod-token", default=None,
+                   help="the token that ends each document, for a --tokenizer whose own "
+                        "(eos_token, <|endoftext|>, </s>) is not the one wanted")
     g.add_argument("--val-fraction", type=float, default=0.05,
                    help="share of documents held out for validation (default 0.05)")
     g.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl files (default text)")
     g.add_argument("--cache-dir", default=None,
                    help="where prepared data is cached (default $EMBER_DATA_CACHE or "
                         "~/.cache/ember_ds/data)")
+    g.add_argument("--tokenize-workers", type=int, default=0, metavar="N",
+                   help="processes that tokenize the corpus (default: 1 below 64 MiB of input, "
+                        "else up to 8)")
 
 
 def settings_from_args(args, split_seed: int = 1234) -> DataSettings:
     return DataSettings(vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type,
                         val_fraction=args.val_fraction, split_seed=split_seed,
-                        jsonl_key=args.jsonl_key, tokenizer=args.tokenizer)
+                        jsonl_key=args.jsonl_key, tokenizer=args.tokenizer,
+                        eod_token=getattr(args, "eod_token", None),
+                        workers=getattr(args, "tokenize_workers", 0) or 0)
 
 
 def main(argv=None) -> int:
@@ -607,4 +861,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as launch.data (not __main__), so that its classes and errors are the ones the helper
+    # modules (launch.tokenization, launch.megatron_data) and worker processes use
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from launch.data import main as _main
+    sys.exit(_main())

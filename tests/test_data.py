@@ -142,7 +142,7 @@ def test_bad_settings():
         D.DataSettings(vocab_size=8).check()
     with pytest.raises(D.DataError, match="val_fraction"):
         D.DataSettings(val_fraction=0.9).check()
-    with pytest.raises(D.DataError, match="tokenizer model not found"):
+    with pytest.raises(D.DataError, match="tokenizer not found"):
         D.DataSettings(tokenizer="/nonexistent.model").check()
 
 
