@@ -42,8 +42,8 @@ warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 
 from launch.checkpoint import (Checkpointer, candidates, fault, find_checkpoint,  # noqa: E402,F401
                                read_train_state, rng_state, set_rng_state, tag_of, write_atomic)
-from launch.data import (DataError, DataSettings, DeterministicSampler, TokenWindows,  # noqa: E402
-                         eval_indices, prepare_data, resolve_inputs)
+from launch.data import (DataError, DataSettings, DeterministicSampler, TokenWindows,  # noqa: E402,F401
+                         eval_indices, prepare_data, resolve_inputs, settings_from_args)
 from launch.errors import ConfigError, NonFiniteError, report  # noqa: E402,F401
 from launch.lock import LockError, RunLock  # noqa: E402
 from launch.metrics import CSV_FIELDS, Metrics  # noqa: E402,F401
@@ -127,10 +127,7 @@ class Trainer:
         self.ds_cfg = finalize_ds_config(ds_user, self.plan)
         self.zero_stage = self.ds_cfg.get("zero_optimization", {}).get("stage", 0)
         self.out = Path(args.out or ROOT / "runs" / f"{args.preset}-{args.embedding}")
-        self.data_settings = DataSettings(
-            vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type,
-            val_fraction=args.val_fraction, split_seed=args.split_seed,
-            jsonl_key=args.jsonl_key, tokenizer=args.tokenizer)
+        self.data_settings = settings_from_args(args, args.split_seed)
         self.data_settings.check()
         resolve_inputs(args.data)           # missing paths / empty folders: fail before start-up
         if fault("config-error", rank=self.rank):
