@@ -5,10 +5,10 @@ Layout of ``--save DIR`` (plain DeepSpeed can read it: ``engine.load_checkpoint(
     DIR/latest              tag of the newest complete checkpoint, moved last
     DIR/step00000400/       DeepSpeed's files (engine.save_checkpoint), rng-rank<r>.pt per rank,
                             train_state.json (settings, step, losses), manifest.json (every
-                            file's size and sha256; written last: the completeness marker)
+                            file's size and CRC-32; written last: the completeness marker)
     DIR/corrupt-<tag>/      a checkpoint found damaged on resume, set aside (never deleted)
 
-A save writes into ``DIR/.tmp-<tag>/<tag>/``; every rank checksums a share of the files, rank 0
+A save writes into ``DIR/.tmp-<tag>/<tag>/``; every rank checksums the files it wrote, rank 0
 writes the manifest, renames the folder into place (atomic), moves ``latest``, then prunes to
 the ``keep`` newest checkpoints with finite losses. A kill at any point leaves ``latest`` on a
 complete checkpoint. A failed write (disk full, I/O error) raises CheckpointIOError with one
@@ -18,14 +18,16 @@ aside, and the next newest intact one is used (or, with ``strict``, the resume i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,7 +36,8 @@ from launch.errors import ConfigError, TrainingError, describe_io_error
 TAG_RE = re.compile(r"^step(\d+)$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
-_CHUNK = 8 << 20
+_CHUNK = 1 << 20
+PIECE = 4 << 20
 
 
 class CheckpointIOError(TrainingError):
@@ -63,7 +66,12 @@ def fault(point: str, step: Optional[int] = None, rank: int = 0) -> bool:
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / MANIFEST).is_file() or (folder / TRAIN_STATE).is_file()
+    """The manifest is written last; a checkpoint from before manifests existed is complete
+    with its train_state.json (which then does not say ``"manifest": true``)."""
+    if (folder / MANIFEST).is_file():
+        return True
+    state = read_train_state(folder)
+    return bool(state) and not state.get("manifest")
 
 
 def read_train_state(folder: Path) -> dict:
@@ -103,17 +111,80 @@ def find_checkpoint(root) -> Optional[tuple[str, Path]]:
     return (c[0].name, c[0]) if c else None
 
 
-def _sha256(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
+def _crc_piece(path: Path, offset: int, length: int) -> str:
+    crc = 0
+    buf = bytearray(min(_CHUNK, max(length, 1)))
+    view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
-        while True:
-            block = fh.read(_CHUNK)
-            if not block:
+        fh.seek(offset)
+        while length > 0:
+            n = fh.readinto(view[:min(length, len(buf))])
+            if not n:
                 break
-            size += len(block)
-            h.update(block)
-    return size, h.hexdigest()
+            crc = zlib.crc32(view[:n], crc)
+            length -= n
+    return f"{crc:08x}"
+
+
+def _zip_directory(path: Path) -> Optional[str]:
+    """For a torch zip file: a CRC-32 over its central directory (each record's name, CRC-32,
+    sizes and offset), else None. torch computes every record's CRC-32 while it writes, so
+    this checksums the whole file for the cost of reading its directory."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    if not infos or any(i.CRC == 0 and i.file_size for i in infos):   # written without CRCs
+        return None
+    blob = "\n".join(f"{i.filename}:{i.CRC}:{i.file_size}:{i.compress_size}:{i.header_offset}"
+                     for i in infos)
+    return f"zip:{zlib.crc32(blob.encode()):08x}"
+
+
+def checksum_async(pool, path: Path) -> Callable[[], list]:
+    """Start checksumming a file; returns a function giving ``[size, check]``. ``check`` is
+    ``"zip:<crc>"`` for a torch zip file (see _zip_directory; verified record by record), else
+    the CRC-32 (zlib, the zip format's check) of each PIECE-sized piece, computed on the pool's
+    threads. CRC-32 finds every burst of flipped bits up to 32 long and all but 1 in 4e9 of the
+    rest; a cryptographic hash of every byte slowed a save of the tiny preset by a third."""
+    size = os.stat(path).st_size
+    with open(path, "rb") as fh:
+        is_zip = fh.read(4) == b"PK\x03\x04"
+    directory = _zip_directory(path) if is_zip else None
+    if directory is not None:
+        return lambda: [size, directory]
+    parts = [pool.submit(_crc_piece, path, o, min(PIECE, size - o))
+             for o in range(0, max(size, 1), PIECE)]
+    return lambda: [size, [f.result() for f in parts]]
+
+
+def _mismatch(path: Path, size: int, got, want) -> Optional[str]:
+    """Why a file does not match its manifest entry (None: it does)."""
+    if size != want[0]:
+        return f"{size} bytes, expected {want[0]}" + (" (truncated)" if size < want[0] else "")
+    if isinstance(want[1], str):
+        if got != want[1]:
+            return "zip directory checksum mismatch (corrupted)"
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            return f"unreadable zip ({e})"
+        return f"checksum mismatch in record {bad} (corrupted)" if bad else None
+    bad = [i for i, (a, b) in enumerate(zip(got, want[1])) if a != b]
+    if bad or len(got) != len(want[1]):
+        at = bad[0] * PIECE if bad else 0
+        return f"checksum mismatch in bytes {at}-{min(at + PIECE, size)} (corrupted)"
+    return None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _files(folder: Path) -> list[str]:
@@ -132,19 +203,23 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a mix."""
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write a small file so that readers see the old or the new content, never a mix
+    (``durable``: on disk before this returns, fsync'ed)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
 
 
 class Checkpointer:
@@ -169,15 +244,20 @@ class Checkpointer:
         if errors:
             raise cls(errors[0])
 
-    def _digests(self, folder: Path, names: list[str]) -> dict:
-        """{name: [size, sha256]}: each rank hashes every world-th file (threads for the rest)."""
-        mine = names[self.rank::self.world]
-        with ThreadPoolExecutor(max_workers=min(4, max(1, len(mine)))) as pool:
-            local = dict(zip(mine, pool.map(lambda n: list(_sha256(folder / n)), mine)))
-        merged = {}
-        for part in self._gather(local):
-            merged.update(part)
-        return merged
+    def _problems(self, folder: Path, names: list[str], manifest: dict) -> list[str]:
+        """Each rank checks every world-th file against the manifest; all problems, gathered."""
+        def check(name):
+            try:
+                size, got = checksum_async(pool, folder / name)()
+                why = _mismatch(folder / name, size, got, manifest[name])
+            except OSError as e:
+                why = f"unreadable ({e.strerror or e})"
+            except (TypeError, ValueError, IndexError, KeyError) as e:
+                why = f"bad manifest entry ({e})"
+            return f"{folder.name}/{name}: {why}" if why else None
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            mine = [p for p in pool.map(check, names[self.rank::self.world]) if p]
+        return [p for part in self._gather(mine) for p in part]
 
     # -- save ------------------------------------------------------------------------------
     def clean_leftovers(self) -> None:
@@ -199,40 +279,77 @@ class Checkpointer:
             except OSError as e:
                 error = describe_io_error(e, f"checkpoint folder {self.root}", self.root.parent)
         self._agree(error)
-        try:
-            # a failure inside DeepSpeed's save may leave other ranks in its barriers: this
-            # rank reports and leaves at once (the launcher stops the others)
-            self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state,
-                                        save_latest=False)
-            fault("kill:save-written", step, self.rank)
-            torch.save(rng_state(), staging / tag / f"rng-rank{self.rank}.pt")
-            if self.rank == 0:
-                write_atomic(staging / tag / TRAIN_STATE, json.dumps(train_state, indent=1))
-        except (OSError, RuntimeError) as e:
-            message = self._io_message(e, tag, staging)
-            self._discard(staging)
-            raise CheckpointIOError(message) from e
-        self.dist.barrier()
         folder = staging / tag
-        if self.manifest:
-            names = _files(folder) if self.rank == 0 else None
-            names = self._gather(names)[0]
+        with ThreadPoolExecutor(max_workers=4) as pool, self._sealing(pool) as (sealed, seal):
             try:
-                files = self._digests(folder, names)
-                error = None
-            except OSError as e:
-                files, error = {}, self._io_message(e, tag, staging)
-            self._agree(error)
+                # a failure inside DeepSpeed's save may leave other ranks in its barriers: this
+                # rank reports and leaves at once (the launcher stops the others)
+                self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state,
+                                            save_latest=False)
+                fault("kill:save-written", step, self.rank)
+                torch.save(rng_state(), folder / f"rng-rank{self.rank}.pt")
+                seal(folder / f"rng-rank{self.rank}.pt")
+                if self.rank == 0:
+                    state = dict(train_state, manifest=self.manifest)
+                    (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1))
+                    seal(folder / TRAIN_STATE)
+                mine = {}
+                for p, (sync, digest) in sealed.items():
+                    sync.result()
+                    if digest is not None and folder in p.parents:
+                        mine[str(p.relative_to(folder))] = digest()
+            except (OSError, RuntimeError) as e:
+                message = self._io_message(e, tag, staging)
+                self._discard(staging)
+                raise CheckpointIOError(message) from e
+        self.dist.barrier()
+        if self.manifest:
+            files = {}
+            for part in self._gather(mine):
+                files.update(part)
             if self.rank == 0:
-                error = self._try(lambda: write_atomic(folder / MANIFEST, json.dumps(
-                    {"format": 1, "tag": tag, "algorithm": "sha256", "files": files}, indent=1)),
-                    tag, staging)
+                def write_manifest():
+                    with ThreadPoolExecutor(max_workers=4) as extra:
+                        for name in _files(folder):  # anything DeepSpeed wrote another way
+                            if name not in files:
+                                files[name] = checksum_async(extra, folder / name)()
+                    write_atomic(folder / MANIFEST, json.dumps(
+                        {"format": 1, "tag": tag, "algorithm": "zip directory CRC-32, else CRC-32 per 4 MiB", "files": files},
+                        indent=1), durable=False)
+                error = self._try(write_manifest, tag, staging)
             self._agree(error)
         fault("kill:save-manifest", step, self.rank)
         if self.rank == 0:
             error = self._try(lambda: self._publish(staging, tag), tag, staging)
         self._agree(error)
         return self.root / tag
+
+    @contextmanager
+    def _sealing(self, pool):
+        """Make each file the save writes durable (fsync) and checksum it as soon as it is
+        written, on other cores while the next file is being written: every rank seals what
+        it wrote itself. Yields ({path: (fsync future, checksum getter or None)}, seal)."""
+        sealed: dict = {}
+        ce = getattr(self.engine, "checkpoint_engine", None)
+
+        def seal(path):
+            path = Path(path)
+            sync = pool.submit(_fsync_file, path)
+            digest = checksum_async(pool, path) if self.manifest else None
+            sealed[path] = (sync, digest)
+        if ce is None:
+            yield sealed, seal
+            return
+        original = ce.save
+
+        def save(state_dict, path):
+            original(state_dict, path)
+            seal(path)
+        ce.save = save
+        try:
+            yield sealed, seal
+        finally:
+            del ce.save
 
     def _io_message(self, e, tag, staging) -> str:
         latest = find_checkpoint(self.root)
@@ -290,7 +407,7 @@ class Checkpointer:
     # -- resume ----------------------------------------------------------------------------
     def verify(self, folder: Path) -> list[str]:
         """Problems of a checkpoint against its manifest (empty: intact). Collective."""
-        names = None
+        names, manifest = None, None
         problems: list[str] = []
         if self.rank == 0:
             try:
@@ -302,21 +419,8 @@ class Checkpointer:
                 names = []                  # written before manifests existed: not checkable
             except (OSError, ValueError, KeyError, TypeError) as e:
                 names, problems = [], [f"{folder.name}/{MANIFEST}: unreadable ({e})"]
-        names, problems = self._gather((names, problems))[0]
-        try:
-            got = self._digests(folder, names) if names else {}
-        except OSError as e:
-            got, problems = {}, problems + [f"{folder.name}: unreadable ({e})"]
-        if self.rank == 0 and names:
-            manifest = json.loads((folder / MANIFEST).read_text())["files"]
-            for n in names:
-                (size, digest), (want_size, want) = got[n], manifest[n]
-                if size != want_size:
-                    problems.append(f"{folder.name}/{n}: {size} bytes, expected {want_size}"
-                                    + (" (truncated)" if size < want_size else ""))
-                elif digest != want:
-                    problems.append(f"{folder.name}/{n}: checksum mismatch (corrupted)")
-        return self._gather(problems)[0]
+        names, problems, manifest = self._gather((names, problems, manifest))[0]
+        return problems + self._problems(folder, names, manifest) if names else problems
 
     def choose(self, root, strict: bool) -> Optional[Path]:
         """The newest intact checkpoint under ``root``. Damaged ones are reported, then set

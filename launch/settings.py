@@ -392,8 +392,10 @@ def run_record(args, plan: dict, gcfg, zero_stage: int, prepared=None) -> dict:
                steps=plan["steps"], model_config=mc)
     if prepared is not None:
         rec.update(data_digest=prepared.digest, vocab_size=prepared.vocab_size)
-    else:
-        mc.pop("vocab_size", None)            # known only once the tokenizer is
+    else:                                      # the vocabulary is known once the tokenizer is,
+        mc.pop("vocab_size", None)             # unless this run trains one of --vocab-size
+        if not getattr(args, "tokenizer", None) and getattr(args, "vocab_size", None):
+            rec["vocab_size"] = args.vocab_size
     return rec
 
 

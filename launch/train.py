@@ -145,9 +145,18 @@ class Trainer:
 
     # -- start-up ----------------------------------------------------------------------------
     def start_distributed(self) -> None:
-        """torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's TP groups."""
-        import torch
+        """torch.distributed (gloo on CPU, NCCL on GPU): enough to agree on the run locks
+        before the heavy imports."""
         import torch.distributed as dist
+
+        from models.parallel import init_distributed
+        init_distributed()
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def start_model_parallel(self) -> None:
+        """megatron-core's tensor-parallel groups (DeepSpeed reuses the default group)."""
+        import torch
 
         import ember_ds  # noqa: F401  (registers "optimizer": {"type": "Ember"})
         from ember_ds import disable_cpu_shm_build
@@ -161,8 +170,6 @@ class Trainer:
                 ps.get_tensor_model_parallel_world_size() != self.args.tp:
             destroy_model_parallel()
         init_model_parallel(self.args.tp, seed=self.args.seed)
-        self.dist = dist
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.device = (torch.device("cuda", torch.cuda.current_device()) if self.cuda
@@ -442,6 +449,7 @@ class Trainer:
         try:
             self.start_distributed()
             self.lock_folders()
+            self.start_model_parallel()
             self.prepare_data()
             folder = self.choose_checkpoint()
             self.build_engine()
