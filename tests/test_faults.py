@@ -67,11 +67,14 @@ def env(**extra):
     return e
 
 
-def train(a, nproc=1, timeout=240, **env_extra):
-    """One run of launch/train.py (plain python, or torchrun with nproc ranks)."""
+def train(a, nproc=1, timeout=240, launcher="torchrun", **env_extra):
+    """One run of launch/train.py (plain python, or nproc ranks by torchrun or deepspeed)."""
+    port = str(free_port())
     cmd = ([sys.executable, TRAIN] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN])
+            "--master_addr", "127.0.0.1", "--master_port", port, TRAIN] if launcher == "torchrun"
+           else [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                 "--master_addr", "127.0.0.1", "--master_port", port, TRAIN])
     return subprocess.run(cmd + a, cwd=ROOT, env=env(**env_extra), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -300,10 +303,12 @@ def test_disk_full_while_saving(tiny, reference, tmp_path):
 
 @pytest.mark.dist
 def test_a_failing_rank_always_reports(tiny, tmp_path):
-    """Repeated 2-rank runs: a settings error on every rank (a mistyped ds_config path), and on
-    rank 1 only (while rank 0 goes on starting up): the message reaches the log every time."""
+    """Repeated 2-rank runs: a settings error on every rank (a mistyped ds_config path; under
+    torchrun and the deepspeed launcher), and on rank 1 only (while rank 0 goes on starting
+    up): the message reaches the log every time, and the exit status says it failed."""
     typo = tmp_path / "ember_zer2.json"
-    runs = [(["--deepspeed_config", str(typo), "--no-progress"], 2, {})] * 2 + \
+    runs = [(["--deepspeed_config", str(typo), "--no-progress"], 2, {"launcher": launcher})
+            for launcher in ("torchrun", "deepspeed")] + \
         [(args(tiny, tmp_path / "out"), 2, {"EMBER_FAULT": "config-error#1"})]
     for i, p in enumerate(train_all(runs)):
         assert p.returncode != 0
