@@ -4,21 +4,21 @@ imports ember_ds.
 ``pip install`` of this project (wheel or editable) puts ``ember_ds-autoload.pth`` into
 site-packages; setup.py writes its one line (``pth_line``). At interpreter start-up Python's
 ``site`` runs it: it puts a finder at the front of ``sys.meta_path`` that answers only for the
-name ``deepspeed`` (a one-expression class; nothing is imported, not torch, not ember_ds). A
-process that never imports deepspeed pays for compiling that line and one string comparison per
-module it imports (``bench/bench_autoload.py`` measures both). When a process imports deepspeed,
-the finder compiles and runs the code of this file (carried in the .pth as a string; the
-package's ``__init__`` is not run), which takes the finder off ``sys.meta_path``, lets the
-normal finders load deepspeed and, as soon as deepspeed's ``__init__`` has run, imports
-ember_ds, whose import registers Ember (``ember_ds.register_deepspeed()``). If ember_ds is
-already being imported (it imports deepspeed itself) nothing more is done.
+name ``deepspeed``. Nothing is imported (not torch, not ember_ds, not this module). A process
+that never imports deepspeed pays for compiling that line and one string comparison per module
+it imports (``bench/bench_autoload.py`` measures both). When a process imports deepspeed, the
+finder runs this file (found without running the ember_ds package's ``__init__``), whose
+``find_spec`` takes the finder off ``sys.meta_path``, lets the normal finders load deepspeed
+and, as soon as deepspeed's ``__init__`` has run, imports ember_ds, whose import registers
+Ember (``ember_ds.register_deepspeed()``). If ember_ds is already being imported (it imports
+deepspeed itself) nothing more is done. Any failure in this machinery leaves deepspeed's import
+as it would be without the hook.
 
 ``EMBER_DS_NO_AUTOLOAD=1`` (read when deepspeed is imported) switches the registration off:
 ember_ds is not imported and DeepSpeed's optimizer resolution is untouched. If a ds_config then
 names Ember, DeepSpeed's own error ("Ember is not a supported DeepSpeed Optimizer") gets the fix
 appended to its message; nothing else changes. The same happens, with the reason and a warning,
-if ember_ds fails to import. An editable install keeps the .pth it was installed with: after
-changing this file, reinstall.
+if ember_ds fails to import.
 """
 import os
 import sys
@@ -39,7 +39,7 @@ def find_spec(name):
     ``sys.meta_path``, find deepspeed with the finders after it, and have its loader call
     ``after_deepspeed_import`` once deepspeed's ``__init__`` has run. Never makes the import of
     deepspeed fail: on any surprise it returns None and the import proceeds as without it."""
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "ember_ds_hook", False)]
+    sys.meta_path[:] = [f for f in sys.meta_path if not hasattr(f, "ember_ds_hook")]
     try:
         import importlib.util
         spec = importlib.util.find_spec(name)
@@ -105,32 +105,37 @@ def add_error_hint(why: str) -> None:
 
 
 # ------------------------------------------------------------ build time (setup.py), tests
-# The .pth line. ``site`` executes a line that starts with ``import``, compiling it at every
-# start-up: so it holds no statement that needs compiling beyond a one-expression finder. The
-# code above (docstrings and comments stripped) rides along as a string constant and is
-# compiled only when deepspeed is imported. In a venv, Python 3.11's site processes the
-# site-packages .pth files twice: the finder is installed once.
-_STARTUP = (
-    "import sys; any(getattr(f, 'ember_ds_hook', 0) for f in sys.meta_path) or "
-    "sys.meta_path.insert(0, type('EmberDSAutoload', (), {{'ember_ds_hook': True, "
-    "'__module__': 'ember_ds._autoload', "
-    "'find_spec': staticmethod(lambda name, *_: None if name != 'deepspeed' else "
-    "exec(compile({code!r}, {file!r}, 'exec'), ns := {{'__name__': {run_name!r}}}) "
-    "or ns['find_spec'](name))}})())\n")
+# The .pth line. ``site`` compiles and runs it at every start-up (twice in a Python 3.11 venv,
+# which processes site-packages' .pth files twice: hence the guard), so it is kept to what
+# measured cheapest (bench/bench_autoload.py, valgrind instruction counts): a SimpleNamespace
+# (``type(sys.implementation)``, no class to build) whose ``find_spec`` is one lambda, rebuilt
+# with globals of its own (a function that keeps ``site``'s globals alive makes interpreter
+# shutdown slower). ``_BOOT`` rides along as a string constant, compiled only on
+# ``import deepspeed``: it finds this file without importing the ember_ds package, runs it and
+# hands over to ``find_spec`` above; if anything fails there, deepspeed imports as if the hook
+# were not there.
+_BOOT = """\
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not hasattr(f, 'ember_ds_hook')]
+try:
+    import importlib.util, os
+    file = os.path.join(importlib.util.find_spec('ember_ds').submodule_search_locations[0],
+                        '_autoload.py')
+    with open(file, encoding='utf-8') as f:
+        code = compile(f.read(), file, 'exec')
+    hook = {'__name__': __name__, '__file__': file}
+    exec(code, hook)
+    spec = hook['find_spec'](name)
+except Exception:
+    spec = None
+"""
+_LINE = ("import sys; 'ember_ds_hook' in str(sys.meta_path) or sys.meta_path.insert(0, "
+         "type(sys.implementation)(ember_ds_hook={note!r}, find_spec=type(f := lambda name, *_: "
+         "None if name != 'deepspeed' else exec({boot!r}, ns := {{'__name__': {run_name!r}, "
+         "'name': name}}) or ns['spec'])(f.__code__, {{'__builtins__': __builtins__}})))\n")
 
 
 def pth_line() -> str:
-    """The single line of ``ember_ds-autoload.pth``, made from this file."""
-    import ast
-    with open(__file__, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    cut = next(i for i, n in enumerate(tree.body)
-               if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_STARTUP")
-    tree.body = tree.body[:cut]
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and len(body) > 1 \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            node.body = body[1:]
-    return _STARTUP.format(code=ast.unparse(tree) + "\n", file=PTH_NAME, run_name=RUN_NAME)
+    """The single line of ``ember_ds-autoload.pth``."""
+    return _LINE.format(boot=_BOOT, run_name=RUN_NAME,
+                        note="ember_ds/_autoload.py: registers Ember when deepspeed is imported")
