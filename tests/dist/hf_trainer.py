@@ -2,7 +2,9 @@
 no weights) trained by the real ``transformers.Trainer`` with a ds_config naming Ember whose
 optimizer and scheduler params are HF's ``"auto"`` values, on CPU (``use_cpu=True``), gloo.
 
-usage: torchrun --nproc_per_node 2 hf_trainer.py STAGE:MODEL [STAGE:MODEL ...]   (llama | neox)
+usage: torchrun --nproc_per_node 2 hf_trainer.py STAGE:MODEL[:accelerate] ...   (llama | neox)
+
+``:accelerate`` runs the same through Accelerate alone (DeepSpeedPlugin, no Trainer).
 
 Cases run one after the other in the same processes (Accelerate's singleton state is reset
 between them), which saves a start-up of torch, DeepSpeed and transformers per case.
@@ -107,28 +109,74 @@ def run(stage, kind):
     rec.trainer = trainer
     trainer.train()
 
-    engine = trainer.model_wrapped
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return summarize(trainer.model_wrapped, trainer.model, expected, losses, rec.table_lrs,
+                     rec.body_lrs)
+
+
+def run_accelerate(stage, kind):
+    """The same model, data and hyper-parameters through Accelerate alone: DeepSpeedPlugin with
+    the ds_config, DummyOptim / DummyScheduler, a hand-written loop. Accelerate fills "auto"
+    only from its own objects (lr and weight_decay from DummyOptim, the scheduler's from
+    DummyScheduler, batch sizes from the loader), so betas and eps are numbers here."""
+    from accelerate import Accelerator
+    from accelerate.utils import (DeepSpeedPlugin, DummyOptim, DummyScheduler,
+                                  InitProcessGroupKwargs)
+    cfg = ds_config(stage)
+    cfg["optimizer"]["params"].update(betas=list(BETAS), eps=EPS)
+    cfg["gradient_clipping"] = 1.0
+    # On CPU: no cpu=True (Accelerate 1.15 then turns DeepSpeed off) but the gloo backend named,
+    # else Accelerate starts no process group on a machine without GPUs.
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    model, expected = build_model(kind)
+    loader = torch.utils.data.DataLoader(Data(), batch_size=MICRO)
+    optimizer = DummyOptim(model.parameters(), lr=LR, weight_decay=WD)
+    # DummyScheduler's total_num_steps counts over all processes (Accelerate divides it)
+    scheduler = DummyScheduler(optimizer, total_num_steps=STEPS * accelerator.num_processes,
+                               warmup_num_steps=WARMUP)
+    engine, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
+                                                               scheduler)
     ember = engine.basic_optimizer
     assert isinstance(ember, ember_ds.Ember), type(ember)
-    by_id = {id(p): n for n, p in trainer.model.named_parameters()}
+    losses, table_lrs, body_lrs = [], [], []
+    batches = iter(())
+    for _ in range(STEPS):
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        loss = engine(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        table_lrs.append(sorted({g["lr"] for g in ember.param_groups if g.get("token_table")}))
+        body_lrs.append(sorted({g["lr"] for g in ember.param_groups if not g.get("token_table")}))
+    return summarize(engine, model, expected, losses, table_lrs, body_lrs)
+
+
+def summarize(engine, model, expected, losses, table_lrs, body_lrs):
+    ember = engine.basic_optimizer
+    assert isinstance(ember, ember_ds.Ember), type(ember)
+    by_id = {id(p): n for n, p in model.named_parameters()}
     factored = sorted(by_id.get(id(t), f"<unnamed {tuple(t.shape)}>") for t in ember.token_tables)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
                if k in ("lr", "weight_decay", "eps", "betas", "beta2", "token_table")}
               for g in ember.param_groups]
-    n_params = sum(1 for _ in trainer.model.parameters())
     return dict(factored=factored, expected=expected, losses=losses, groups=groups,
-                table_lrs=rec.table_lrs, body_lrs=rec.body_lrs, n_params=n_params,
+                table_lrs=table_lrs, body_lrs=body_lrs,
                 wrapper=type(engine.optimizer).__name__, zero_stage=engine.zero_optimization_stage(),
                 hp=dict(lr=LR, weight_decay=WD, betas=list(BETAS), eps=EPS, steps=STEPS,
                         warmup=WARMUP))
 
 
 def reset_accelerate():
-    """Forget the previous case's Accelerator (its DeepSpeed plugin is a process-wide
-    singleton); the process group stays."""
+    """Forget the previous case's Accelerator (its state, DeepSpeed plugin included, is a
+    process-wide singleton); the process group stays."""
     from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
 
@@ -136,7 +184,7 @@ if __name__ == "__main__":
     ember_ds.disable_cpu_shm_build()
     results = {}
     for spec in sys.argv[1:]:
-        stage, kind = spec.split(":")
-        results[spec] = run(int(stage), kind)
+        stage, kind, *route = spec.split(":")
+        results[spec] = (run_accelerate if route == ["accelerate"] else run)(int(stage), kind)
         reset_accelerate()
     finish(results)
