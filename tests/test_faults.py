@@ -32,6 +32,7 @@ import pytest
 from conftest import ROOT, free_port
 from launch import checkpoint as C
 from launch import lock as L
+from launch import settings as S
 from test_train import MODEL as TRAIN_MODEL
 from test_train import tiny  # noqa: F401  (the module's prepared tiny corpus)
 
@@ -322,7 +323,8 @@ def test_a_failing_rank_always_reports(tiny, tmp_path):
 
 
 def test_resume_refusals_name_every_difference(tiny, reference, tmp_path):
-    """Refused before DeepSpeed loads anything, in one line, exit status 2."""
+    """Refused before DeepSpeed loads anything, in one line, exit status 2: another model and
+    vocabulary (found before the data is prepared), other data (after), another DP size."""
     _, ckpt = reference
     other = tmp_path / "other.txt"                      # other data, same vocabulary size
     other.write_text(tiny[0].read_text()[:-2000])
@@ -332,7 +334,6 @@ def test_resume_refusals_name_every_difference(tiny, reference, tmp_path):
          ["embedding 'leviathan' (this run: 'dense')", "model num_layers 1 (this run: 2)",
           "vocab_size 256 (this run: 320)"]),
         ("ember_zero2_fp32.json", ["--data", str(other)], 1, ["data_digest"]),
-        ("ember_zero1_fp32.json", [], 1, ["zero_stage 2 (this run: 1)", "not supported yet"]),
         ("ember_zero2_fp32.json", [], 2, ["dp 1 (this run: 2)", "not supported yet"]),
     ]
     runs = []
@@ -348,6 +349,12 @@ def test_resume_refusals_name_every_difference(tiny, reference, tmp_path):
         for w in wants:
             assert w in errors[0], errors[0]
         assert sorted(x.name for x in (tmp_path / f"ckpt{i}").glob("step*")) == CKPTS
+    # another ZeRO stage: the same check, called on the reference checkpoint's own record
+    saved = C.read_train_state(ckpt / "step00000016")
+    with pytest.raises(S.ConfigError, match=r"zero_stage 2 \(this run: 1\).*not supported yet"):
+        S.check_resume(saved, dict(saved, zero_stage=1), ckpt / "step00000016")
+    assert S.check_resume(saved, dict(saved, seed=7), "x") == [
+        "resuming with seed = 7 (checkpoint: 1234): the run will not match an uninterrupted one"]
 
 
 def test_lock_takes_over_a_dead_holder_and_refuses_a_live_one(tmp_path):
