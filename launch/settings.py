@@ -318,6 +318,39 @@ def _check_zero_and_optimizer(ds_cfg: dict, ds_path) -> None:
                               f"{'[0.9,0.95]' if key.endswith('betas') else '3e-4'})")
 
 
+def check_with_deepspeed(ds_cfg: dict, ds_path, mpu=None) -> None:
+    """Let DeepSpeed's own config parser see the ds_config before any data or model work (it
+    needs the process group): a misspelled or mistyped entry becomes one line naming it,
+    instead of a pydantic dump after the model is built. Only its validation errors count;
+    anything else is left to deepspeed.initialize."""
+    import sys
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    try:
+        from pydantic import ValidationError
+    except ImportError:
+        return
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds_cfg), mpu=mpu)
+    except ValidationError as e:
+        model = next((getattr(m, e.title) for name, m in list(sys.modules.items())
+                      if name.startswith("deepspeed") and isinstance(getattr(m, e.title, None),
+                                                                     type)), None)
+        known = sorted(getattr(model, "model_fields", {})) if model else []
+        section = next((k for k, v in ds_cfg.items() if isinstance(v, dict)
+                        and any(err["loc"] and err["loc"][0] in v for err in e.errors())), None)
+        parts = []
+        for err in e.errors():
+            key = ".".join(map(str, (section, *err["loc"]) if section else err["loc"]))
+            near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1) \
+                if err.get("type") == "extra_forbidden" and err["loc"] else []
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            parts.append(f"{key}: {err['msg'].lower()}{hint}, got {err.get('input')!r}")
+        raise ConfigError(f"{ds_path}: {'; '.join(parts)}") from None
+    except Exception:       # noqa: BLE001 - not a config error of the user's: initialize decides
+        return
+
+
 def _check_folders(args) -> None:
     """--out / --save / --resume must be folders (or creatable ones) this user can write."""
     for flag, value in (("--out", args.out), ("--save", args.save),

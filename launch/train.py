@@ -161,7 +161,7 @@ class Trainer:
         import ember_ds  # noqa: F401  (registers "optimizer": {"type": "Ember"})
         from ember_ds import disable_cpu_shm_build
         from megatron.core import parallel_state as ps
-        from models.parallel import destroy_model_parallel, init_model_parallel
+        from models.parallel import MegatronMPU, destroy_model_parallel, init_model_parallel
         _quiet_libraries(self.args.verbose)
         if not self.cuda:
             disable_cpu_shm_build()
