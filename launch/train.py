@@ -48,6 +48,7 @@ from launch.errors import ConfigError, NonFiniteError, report  # noqa: E402,F401
 from launch.lock import LockError, RunLock  # noqa: E402
 from launch.metrics import CSV_FIELDS, Metrics  # noqa: E402,F401
 from launch.settings import (WARMUP_SCHEDULERS, build_parser, check_resume,  # noqa: E402,F401
+                             check_with_deepspeed,
                              default_ds_config, finalize_ds_config, load_ds_config, model_config,
                              parse_args, resolve_batch, run_record, validate, world_from_env)
 
@@ -172,6 +173,8 @@ class Trainer:
         init_model_parallel(self.args.tp, seed=self.args.seed)
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
+        check_with_deepspeed(self.ds_cfg, self.ds_path,
+                             MegatronMPU() if self.args.tp > 1 else None)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if self.cuda
                        else torch.device("cpu"))
 

@@ -156,8 +156,7 @@ def test_settings_resolve_and_fill_in(tmp_path):
     assert over["optimizer"]["params"]["lr"] == 0.5 and over["zero_optimization"]["stage"] == 2
 
 
-def test_cli_reports_settings_errors_quickly(tmp_path):
-    t0 = time.time()
+def test_cli_reports_settings_errors_quickly(tiny, tmp_path):
     proc = run([sys.executable, TRAIN, "--preset", "huge"], ok=False)
     assert proc.returncode == 2
     assert "error: unknown preset 'huge'; presets: tiny" in proc.stderr
@@ -166,7 +165,13 @@ def test_cli_reports_settings_errors_quickly(tmp_path):
     assert bf16.returncode == 2 and "no GPU is visible" in bf16.stderr
     data = run([sys.executable, TRAIN, "--data", str(tmp_path / "none.txt")], ok=False)
     assert data.returncode == 2 and f"data path not found: {tmp_path / 'none.txt'}" in data.stderr
-    assert time.time() - t0 < 60
+    # DeepSpeed's own config parser, before the data and the model: one line, the close key
+    typo = run([sys.executable, TRAIN, *common(tiny, tmp_path / "o", 2), "--ds",
+                "zero_optimization.overlap_com=true"], ok=False)
+    errors = [x for x in typo.stderr.splitlines() if x.startswith("error:")]
+    assert typo.returncode == 2 and len(errors) == 1, typo.stderr[-3000:]
+    assert "zero_optimization.overlap_com: extra inputs are not permitted (did you mean " \
+           "'overlap_comm'?)" in errors[0]
 
 
 @pytest.mark.dist
@@ -175,12 +180,10 @@ def test_bad_data_stops_every_rank(tmp_path):
     (nobody is left waiting in a barrier)."""
     bad = tmp_path / "scan.txt"
     bad.write_bytes(b"%PDF-1.4\n\x00\x01\x02" * 40)
-    t0 = time.time()
     proc = run(torchrun(2, ["--data", str(bad), "--cache-dir", str(tmp_path / "cache"),
                             "--no-progress"]), ok=False, timeout=120)
     assert proc.returncode != 0
     assert f"error: {bad} looks like a binary file" in proc.stderr + proc.stdout
-    assert time.time() - t0 < 90
 
 
 def test_ds_configs_are_complete():
