@@ -155,19 +155,22 @@ def _read_error(path: Path, e: BaseException) -> DataError:
     return DataError(f"{path}: cannot read{' ' + comp + '-compressed data' if comp else ''} ({e})")
 
 
+_BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n\s*")
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 CHUNK = 1 << 20
 
 
-def iter_lines(path: Path) -> Iterator[str]:
-    """The lines of one input file, decoded as UTF-8 while streaming (memory: one 1 MiB chunk and
-    one line): a BOM is dropped, CRLF / CR become LF. Empty (whitespace only), binary (NUL bytes in
-    the first MiB) and non-UTF-8 files raise a DataError naming the file (byte offset and line)."""
+def iter_blocks(path: Path) -> Iterator[str]:
+    """One input file as decoded text blocks of about 1 MiB, each ending at a line end (memory:
+    one block, or one line when a line is longer), decoded as UTF-8 while streaming: a BOM is
+    dropped, CRLF / CR become LF. Empty (whitespace only), binary (NUL bytes in the first MiB) and
+    non-UTF-8 files raise a DataError naming the file (byte offset and line, as if the whole file
+    were decoded at once)."""
     try:
         fh = _open_binary(path)
     except READ_ERRORS as e:
         raise _read_error(path, e) from e
-    offset, lineno, rest, content, first = 0, 0, b"", False, True
+    offset, lines, rest, content, first = 0, 0, b"", False, True
     with fh:
         while True:
             try:
@@ -182,35 +185,48 @@ def iter_lines(path: Path) -> Iterator[str]:
                                     "expected UTF-8 text (.txt/.md) or JSON lines (.jsonl)")
                 if chunk.startswith(b"\xef\xbb\xbf"):
                     chunk, offset = chunk[3:], 3
-            if not chunk:
-                lines, rest = ([rest] if rest else []), b""
+            if chunk:
+                data = rest + chunk
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:                   # no line end yet: keep reading
+                    rest = data
+                    continue
+                block, rest = data[:cut], data[cut:]
             else:
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-            for raw in lines:
-                lineno += 1
+                block, rest = rest, b""
+            if block:
                 try:
-                    line = raw.decode("utf-8")
+                    text = block.decode("utf-8")
                 except UnicodeDecodeError as e:
+                    line = lines + block.count(b"\n", 0, e.start) + 1
                     raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte "
-                                    f"{offset + e.start}, line {lineno}); convert it first, e.g. "
+                                    f"{offset + e.start}, line {line}); convert it first, e.g. "
                                     "`iconv -f latin1 -t utf-8 in.txt > out.txt`") from e
-                offset += len(raw) + 1
-                if not content and line.strip():
+                offset += len(block)
+                lines += block.count(b"\n")
+                if not content and not text.isspace():
                     content = True
-                if "\r" in line:
-                    yield from line.rstrip("\r").replace("\r\n", "\n").replace("\r", "\n").split("\n")
-                else:
-                    yield line
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+                yield text
             if not chunk:
                 break
     if not content:
         raise DataError(f"{path} is empty")
 
 
+def iter_lines(path: Path) -> Iterator[str]:
+    """The lines of one input file (see ``iter_blocks`` for the decoding and its errors)."""
+    for block in iter_blocks(path):
+        lines = block.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        yield from lines
+
+
 def read_text(path: Path) -> str:
-    """A whole (small) input file as text: see ``iter_lines`` for the decoding and errors."""
-    return "\n".join(iter_lines(path))
+    """A whole (small) input file as text: see ``iter_blocks`` for the decoding and errors."""
+    return "".join(iter_blocks(path))
 
 
 def iter_file_documents(path: Path, jsonl_key: str = "text") -> Iterator[str]:
@@ -237,20 +253,21 @@ def iter_file_documents(path: Path, jsonl_key: str = "text") -> Iterator[str]:
                 count += 1
                 yield obj.strip()
     else:
-        doc: list[str] = []
-        for line in iter_lines(path):
-            if line.strip(" \t\f\v"):
-                doc.append(line)
-            elif doc:
-                text = "\n".join(doc).strip()
-                doc = []
-                if text:
+        # documents are separated by blank lines; the text after the last separator of a block
+        # may continue in the next block, so it is carried over
+        carry = ""
+        for block in iter_blocks(path):
+            parts = _BLANK_LINES.split(carry + block)
+            carry = parts.pop()
+            for doc in parts:
+                doc = doc.strip()
+                if doc:
                     count += 1
-                    yield text
-        text = "\n".join(doc).strip()
-        if text:
+                    yield doc
+        carry = carry.strip()
+        if carry:
             count += 1
-            yield text
+            yield carry
     if count == 0:
         raise DataError(f"{path} holds no non-empty document")
 
@@ -494,8 +511,26 @@ def _worker_init(folder: str, file_name: str) -> None:
     _WORKER["tok"] = load_cached(Path(folder), file_name)
 
 
-def _worker_encode(texts: list[str]) -> list[list[int]]:
-    return _WORKER["tok"].encode_batch(texts)
+def _flat(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists as one int32 array and the lengths (cheap to send between processes)."""
+    import itertools
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                       count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _flat(_WORKER["tok"].encode_batch(texts))
+
+
+def _add_documents(builder, flat: np.ndarray, lengths: np.ndarray) -> None:
+    """Append documents of one sequence each to an IndexedDatasetBuilder at once (what add_item +
+    end_document per document do, without a call and a tensor per document)."""
+    builder.data_file.write(np.asarray(flat, dtype=builder.dtype).tobytes(order="C"))
+    n0 = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend(range(n0 + 1, n0 + 1 + len(lengths)))
 
 
 def _count_file(args) -> int:
@@ -523,10 +558,10 @@ def _doc_batches(files, jsonl_key) -> Iterator[list[str]]:
 
 
 def _encoded_batches(files, settings, tok, out: Path, workers: int):
-    """(documents, their token id lists) per batch, in input order."""
+    """(documents, (token ids, lengths)) per batch, in input order."""
     if workers <= 1:
         for batch in _doc_batches(files, settings.jsonl_key):
-            yield batch, tok.encode_batch(batch)
+            yield batch, _flat(tok.encode_batch(batch))
         return
     import collections
     import multiprocessing as mp
@@ -562,7 +597,6 @@ def _progress(total: int, desc: str):
 
 
 def _build(files: Sequence[Path], settings: DataSettings, out: Path, log) -> dict:
-    import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     workers = _n_workers(files, settings)
@@ -603,17 +637,22 @@ def _build(files: Sequence[Path], settings: DataSettings, out: Path, log) -> dic
     i = 0
     bar = _progress(n_docs, f"tokenizing ({workers} worker{'s' if workers > 1 else ''})")
     try:
-        for batch, encoded in _encoded_batches(files, settings, tok, out, workers):
-            for ids in encoded:
-                split = "valid" if is_val[i] else "train"
-                i += 1
-                arr = np.empty(len(ids) + 1, dtype=np.int64)
-                arr[:-1] = ids
-                arr[-1] = eod
-                builders[split].add_item(torch.from_numpy(arr))
-                builders[split].end_document()
-                n_tok[split] += len(arr)
-                n_doc[split] += 1
+        for batch, (flat, lengths) in _encoded_batches(files, settings, tok, out, workers):
+            val = is_val[i:i + len(batch)]
+            i += len(batch)
+            with_eod = lengths + 1
+            ends = np.cumsum(with_eod)
+            ids = np.empty(int(ends[-1]), dtype=np.int64)
+            keep = np.ones(len(ids), dtype=bool)
+            keep[ends - 1] = False
+            ids[keep] = flat
+            ids[ends - 1] = eod
+            tok_val = np.repeat(val, with_eod)
+            for split, sel, tsel in (("train", ~val, ~tok_val), ("valid", val, tok_val)):
+                if sel.any():
+                    _add_documents(builders[split], ids[tsel], with_eod[sel])
+                    n_tok[split] += int(with_eod[sel].sum())
+                    n_doc[split] += int(sel.sum())
             bar.update(len(batch))
     finally:
         bar.close()
