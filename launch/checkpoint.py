@@ -425,12 +425,15 @@ class Checkpointer:
     def choose(self, root, strict: bool) -> Optional[Path]:
         """The newest intact checkpoint under ``root``. Damaged ones are reported, then set
         aside as ``corrupt-<tag>`` (or, with ``strict``, the resume is refused)."""
+        set_aside = False
         for folder in candidates(root):
             problems = self.verify(folder)
             if not problems:
                 if self.rank == 0 and not (folder / MANIFEST).is_file():
                     self.log(f"warning: {folder} has no manifest (saved by an older version): "
                              "its files are not verified")
+                if self.rank == 0 and set_aside and TAG_RE.match(folder.name):
+                    write_atomic(folder.parent / "latest", folder.name)   # for plain DeepSpeed
                 return folder
             what = "; ".join(problems)
             if strict:
@@ -440,6 +443,7 @@ class Checkpointer:
                 aside = folder.with_name(f"corrupt-{folder.name}")
                 shutil.rmtree(aside, ignore_errors=True)
                 os.rename(folder, aside)
+                set_aside = True
                 self.log(f"warning: checkpoint {folder.name} is damaged ({what}); set aside as "
                          f"{aside.name}, falling back to the previous one")
             self.dist.barrier()

@@ -218,8 +218,11 @@ def test_damaged_checkpoints_are_named_and_skipped(tiny, reference, tmp_path):
     assert strict.returncode == 2
     assert f"{truncated}: 1000 bytes, expected" in strict.stderr and "truncated" in strict.stderr
     assert (save / "step00000016").is_dir()                     # refused: nothing moved
-    p = ok(train(args(tiny, tmp_path / "out", save, "--resume")))
+    # a run with nothing left to train: damaged ones set aside, latest moved to the intact one
+    p = ok(train(args(tiny, tmp_path / "out8", save, "--resume", steps=8)))
     assert truncated in p.stdout and f"{flipped}: checksum mismatch in record" in p.stdout
+    assert (save / "latest").read_text() == "step00000008"
+    p = ok(train(args(tiny, tmp_path / "out", save, "--resume")))
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["start_step"] == 8 and s["resumed_from"].endswith("step00000008")
     TALLY["resumed_runs"] += 1
