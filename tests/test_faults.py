@@ -186,7 +186,7 @@ def test_kill_9_at_random_points_then_resume(tiny, reference, tmp_path):
         after = newest_good(save)
         count(kind, latest_ok(save) and after >= before, lost=int(after < before))
     final = ok(train(a))
-    assert "took over the stale lock" in final.stdout
+    assert "took over the stale lock" in final.stdout or not previous_killed
     got = losses(out)
     TALLY["resumed_runs"] += 1
     assert got == ref, (got, ref)                # every step of every resumed segment
