@@ -13,19 +13,25 @@ shipped corpus ``launch/corpus/kjv.txt.xz``.
   * each optionally compressed: ``.gz``, ``.xz``, ``.bz2``.
 An explicitly named file with another extension is read as plain text. A missing, empty, binary
 (NUL bytes), undecodable (not UTF-8) or corrupt (bad compression / JSON) input stops with a
-``DataError`` that names the file (and line).
+``DataError`` that names the file (and line). Files are read as a stream of ~1 MiB blocks, so
+memory does not grow with the corpus.
+
+Instead of text, ``--data-path [weight] prefix ...`` trains on megatron-preprocessed
+``prefix.bin/.idx`` files in place, blended by weight (launch/megatron_data.py; needs
+``--tokenizer``). ``--tokenizer`` takes a SentencePiece model, a Hugging Face tokenizer.json or
+tokenizer folder, or GPT-2 vocab.json + merges.txt (launch/tokenization.py).
 
 Preparation, once per (input contents, settings):
   1. documents are split into train / validation by document (a seeded choice of
      ``max(1, round(val_fraction * n))`` documents for validation);
   2. a SentencePiece model (``vocab_size``, ``tokenizer_type``) is trained on the train documents,
-     or an existing ``.model`` file is used;
-  3. every document is encoded and written with an end-of-document token (the tokenizer's
-     ``</s>``) through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``: one
+     or an existing tokenizer is used;
+  3. every document is encoded (by ``workers`` processes, same result for any number) and written
+     with an end-of-document token (``</s>``, or the existing tokenizer's) through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``: one
      document per sequence, ``train.bin/.idx`` and ``valid.bin/.idx`` (uint16 tokens when the
      vocabulary fits, else int32) -- the files megatron's own GPTDataset reads.
 
-Cache: ``<cache_dir>/<key>/`` with ``tokenizer.model``, ``{train,valid}.{bin,idx}`` and
+Cache: ``<cache_dir>/<key>/`` with ``tokenizer.model`` (or ``tokenizer.json``), ``{train,valid}.{bin,idx}`` and
 ``meta.json``. ``key`` is a hash of the inputs' bytes (not their paths) and of the settings. The
 folder is built under a temporary name and renamed into place; ``meta.json`` (the completion
 marker, holding the full key) is written last inside it. A folder without a matching marker, or a

@@ -23,7 +23,6 @@ import pytest
 
 from conftest import ROOT
 from launch import data as D
-from launch import megatron_data as M
 
 EOT = "<|endoftext|>"
 
