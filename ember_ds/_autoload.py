@@ -53,7 +53,12 @@ def find_spec(name):
             run_init(module)
         finally:
             loader.__dict__.pop("exec_module", None)  # the loader's own method again
-        after_deepspeed_import()
+        try:
+            after_deepspeed_import()
+        except Exception as exc:  # deepspeed is imported; this must not undo that
+            import warnings
+            warnings.warn(f"ember_ds autoload hook failed ({type(exc).__name__}: {exc}); "
+                          f"{FIX}", RuntimeWarning, stacklevel=2)
 
     loader.exec_module = exec_module
     return spec
