@@ -283,3 +283,30 @@ def test_slurm_resources_come_from_sbatch(partition, tmp_path):
     header = [line for line in (ROOT / "launch/multinode/slurm.sbatch").read_text().splitlines()
               if line.startswith("#SBATCH")]
     assert not [h for h in header if any(k in h for k in ("gpus", "gres", "cpus", "time", "mem"))]
+
+
+# ------------------------------------------------------------------------------------------
+# [launcher flags] -- [train.py flags] in the scripts run on every node
+
+@pytest.mark.parametrize("script", ["torchrun_multinode.sh", "deepspeed_no_ssh.sh"])
+def test_launcher_flags_before_the_double_dash(script, tmp_path):
+    """A launcher flag with a visible effect (torchrun --log-dir, DeepSpeed
+    --enable_each_rank_log: the launcher writes the ranks' logs there) goes to the launcher, the
+    flags after "--" to train.py (its settings error comes back); without "--" all go to
+    train.py as before."""
+    logs = tmp_path / f"logs{random.randrange(1000)}"
+    flag = ["--log-dir", str(logs)] if script.startswith("torchrun") else \
+        ["--enable_each_rank_log", str(logs)]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\n")
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="1", NODE_RANK="0",
+               NPROC_PER_NODE="1", HOSTFILE=str(hostfile), EMBER_NO_SETUP="1",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = ["bash", f"launch/multinode/{script}"]
+    split = run([*cmd, *flag, "--", "--preset", "nosuch"], **env)
+    assert split.returncode != 0
+    assert "unknown preset 'nosuch'" in split.stdout + split.stderr + "".join(
+        f.read_text() for f in logs.rglob("*") if f.is_file())
+    assert logs.is_dir()              # made by the launcher, from the flag before "--"
+    plain = run([*cmd, "--preset", "nosuch2"], **env)
+    assert plain.returncode != 0 and "unknown preset 'nosuch2'" in plain.stdout + plain.stderr
