@@ -180,7 +180,8 @@ MODEL = ["--vocab-size", "256", "--model", "hidden_size=32", "--model", "num_lay
 
 def test_deepspeed_hostfile_over_ssh_and_pdsh(sshd, tmp_path):
     """deepspeed_hostfile.sh on two "hosts" (127.0.0.1, localhost) through real ssh + pdsh: it
-    stops before launching when a host key is unknown; launcher flags pass before "--"; the
+    stops before launching when a host key is unknown; launcher flags pass before "--" (an
+    --exclude'd host is not checked); the
     user's ~/.deepspeed_env reaches the ranks; the JSON --model value survives the remote shell;
     the losses equal one node's 2-rank torchrun run."""
     if not shutil.which("pdsh"):
@@ -201,10 +202,12 @@ def test_deepspeed_hostfile_over_ssh_and_pdsh(sshd, tmp_path):
     # the user's own file: the cache folder comes from here only (no --cache-dir below)
     (home / ".deepspeed_env").write_text(f"# my settings\n\nEMBER_DATA_CACHE={cache}\n")
     out = tmp_path / "ds"
+    hostfile = tmp_path / "hostfile"          # a third host, down, left out with --exclude
+    hostfile.write_text(sshd["hostfile"].read_text() + "node-gone.invalid slots=1\n")
     cmd = ["bash", "launch/multinode/deepspeed_hostfile.sh", "--ssh_port", port,
-           "--master_port", str(free_port()), "--",
+           "--exclude", "node-gone.invalid", "--master_port", str(free_port()), "--",
            "--data", str(corpus), "--out", str(out), "--steps", "2", *MODEL]
-    denv = dict(env, HOME=str(home), HOSTFILE=str(sshd["hostfile"]), EMBER_NO_SETUP="1",
+    denv = dict(env, HOME=str(home), HOSTFILE=str(hostfile), EMBER_NO_SETUP="1",
                 OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     denv.pop("EMBER_DATA_CACHE", None)
     stopped = run(cmd, **denv)

@@ -16,12 +16,12 @@
 # flags after it go to launch/train.py. Without a "--" every flag goes to launch/train.py.
 # HOSTFILE (default launch/multinode/hostfile): "<host> slots=<GPUs>" per line (hostfile.example).
 # DS_LAUNCHER: pdsh (default), openmpi, mvapich, impi, slurm (DeepSpeed's --launcher).
-# MASTER_ADDR defaults to the first host of the hostfile.
+# MASTER_ADDR defaults to the first host used (of the hostfile, after --include / --exclude).
 #
-# Before launching, every host is tried over ssh the way pdsh logs in (check.sh --ssh-only): a
-# host whose key is not in known_hosts, or that asks for a password, stops the launch with the
-# fix to run (DeepSpeed itself would only say "not reachable", or hang). EMBER_SKIP_SSH_CHECK=1
-# skips this.
+# Before launching, every host it will use (after --include / --exclude / --num_nodes) is
+# tried over ssh the way pdsh logs in (check.sh --ssh-only): a host whose key is not in
+# known_hosts, or that asks for a password, stops the launch with the fix to run (DeepSpeed
+# itself would only say "not reachable", or hang). EMBER_SKIP_SSH_CHECK=1 skips this.
 #
 # Environment on the remote hosts: DeepSpeed forwards only variables named PYTHON*, UCX*, MV2*,
 # MLFLOW* (and NCCL* only when it runs on CUDA: not on CPU nodes) plus the lines of a
@@ -38,7 +38,7 @@ HOSTFILE=${HOSTFILE:-launch/multinode/hostfile}
 # shellcheck disable=SC1091
 . launch/multinode/env.sh
 split_args "$@"          # [launcher flags] -- [train.py flags]
-SSH_PORT="" NUM_NODES=""
+SSH_PORT="" NUM_NODES="" INCLUDE="" EXCLUDE=""
 for ((i = 0; i < ${#LAUNCHER_ARGS[@]}; i++)); do
   a=${LAUNCHER_ARGS[i]}
   case "$a" in
@@ -48,6 +48,10 @@ for ((i = 0; i < ${#LAUNCHER_ARGS[@]}; i++)); do
     --master_port) MASTER_PORT=${LAUNCHER_ARGS[i+1]:-} ;;
     --master_addr=*) MASTER_ADDR=${a#*=} ;;
     --master_addr) MASTER_ADDR=${LAUNCHER_ARGS[i+1]:-} ;;
+    --include=*|-i=*) INCLUDE=${a#*=} ;;
+    --include|-i) INCLUDE=${LAUNCHER_ARGS[i+1]:-} ;;
+    --exclude=*|-e=*) EXCLUDE=${a#*=} ;;
+    --exclude|-e) EXCLUDE=${LAUNCHER_ARGS[i+1]:-} ;;
     --num_nodes=*) NUM_NODES=${a#*=} ;;
     --num_nodes) NUM_NODES=${LAUNCHER_ARGS[i+1]:-} ;;
     --launcher=*) DS_LAUNCHER=${a#*=} ;;
@@ -57,16 +61,29 @@ for ((i = 0; i < ${#LAUNCHER_ARGS[@]}; i++)); do
   esac
 done
 DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
-if [ -z "${MASTER_ADDR:-}" ]; then
-  MASTER_ADDR=$(awk '!/^[[:space:]]*#/ && NF {print $1; exit}' "$HOSTFILE")
-fi
+# the hosts DeepSpeed will use: --include / --exclude ("host[:slots]@host..."; an excluded host
+# with slots named stays) and --num_nodes (the first N) applied to the hostfile
+active=()
+while read -r h; do
+  if [ -n "$INCLUDE" ] && [[ "@$INCLUDE@" != *"@$h@"* && "@$INCLUDE" != *"@$h:"* ]]; then continue; fi
+  if [ -n "$EXCLUDE" ] && [[ "@$EXCLUDE@" == *"@$h@"* ]]; then continue; fi
+  active+=("$h")
+done < <(awk '!/^[[:space:]]*#/ && NF {print $1}' "$HOSTFILE")
+if [ -n "$NUM_NODES" ] && [ "$NUM_NODES" -ge 0 ] 2> /dev/null; then active=("${active[@]:0:NUM_NODES}"); fi
+[ ${#active[@]} -gt 0 ] || { echo "no host of $HOSTFILE is left after --include / --exclude / --num_nodes" >&2; exit 2; }
+MASTER_ADDR=${MASTER_ADDR:-${active[0]}}
 export MASTER_ADDR MASTER_PORT
 
 if [ -z "${EMBER_SKIP_SSH_CHECK:-}" ] && [ "$DS_LAUNCHER" = pdsh ]; then
-  if ! bash launch/multinode/check.sh --ssh-only ${SSH_PORT:+--ssh-port "$SSH_PORT"} "$HOSTFILE" >&2; then
+  mkdir -p runs
+  check_hosts=$(mktemp "$PWD/runs/.hostfile-check.XXXXXX")
+  printf '%s slots=1\n' "${active[@]}" > "$check_hosts"
+  if ! bash launch/multinode/check.sh --ssh-only ${SSH_PORT:+--ssh-port "$SSH_PORT"} "$check_hosts" >&2; then
+    rm -f "$check_hosts"
     echo "[deepspeed_hostfile] ssh to the hosts above fails: fix it (the commands are given) or set EMBER_SKIP_SSH_CHECK=1" >&2
     exit 2
   fi
+  rm -f "$check_hosts"
 fi
 
 # the env file: the user's ~/.deepspeed_env and ./.deepspeed_env lines first, then ours
@@ -98,10 +115,9 @@ mv "$tmp_env" "$ENV_FILE"
 export DS_ENV_FILE=$ENV_FILE
 # pdsh hands the command line to each host's shell as one string: quote the train.py flags so a
 # JSON value such as --model 'leviathan={"modes":32}' reaches train.py unchanged (DeepSpeed
-# passes them unquoted). Only when DeepSpeed goes multi-node (more than one host, no
-# --num_nodes 1); on one host it starts train.py without a shell.
-n_hosts=$(awk '!/^[[:space:]]*#/ && NF {n++} END {print n + 0}' "$HOSTFILE")
-if [ "$DS_LAUNCHER" = pdsh ] && [ "$n_hosts" -gt 1 ] && [ "$NUM_NODES" != 1 ]; then
+# passes them unquoted). Only when DeepSpeed goes multi-node (more than one host used); on one
+# host it starts train.py without a shell.
+if [ "$DS_LAUNCHER" = pdsh ] && [ ${#active[@]} -gt 1 ]; then
   quoted=()
   for a in "${TRAIN_ARGS[@]}"; do quoted+=("$(printf '%q' "$a")"); done
   TRAIN_ARGS=("${quoted[@]}")
