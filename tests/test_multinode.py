@@ -295,8 +295,7 @@ def test_slurm_resources_come_from_sbatch(partition, tmp_path):
 def test_launcher_flags_before_the_double_dash(script, tmp_path):
     """A launcher flag with a visible effect (torchrun --log-dir, DeepSpeed
     --enable_each_rank_log: the launcher writes the ranks' logs there) goes to the launcher, the
-    flags after "--" to train.py (its settings error comes back); without "--" all go to
-    train.py as before."""
+    flags after "--" to train.py (its settings error comes back)."""
     logs = tmp_path / f"logs{random.randrange(1000)}"
     flag = ["--log-dir", str(logs)] if script.startswith("torchrun") else \
         ["--enable_each_rank_log", str(logs)]
@@ -311,5 +310,4 @@ def test_launcher_flags_before_the_double_dash(script, tmp_path):
     assert "unknown preset 'nosuch'" in split.stdout + split.stderr + "".join(
         f.read_text() for f in logs.rglob("*") if f.is_file())
     assert logs.is_dir()              # made by the launcher, from the flag before "--"
-    plain = run([*cmd, "--preset", "nosuch2"], **env)
-    assert plain.returncode != 0 and "unknown preset 'nosuch2'" in plain.stdout + plain.stderr
+    # (without "--" every flag goes to train.py: tests/test_train.py's two-node runs)
