@@ -146,11 +146,25 @@ def test_check_over_real_ssh(sshd, tmp_path):
                                       "interface lo)")
     assert save.is_dir() and not list(save.iterdir())             # its marker is cleaned up
     bad = run([*CHECK, "--ssh-port", port, "--data", str(tmp_path / "nope"), "--net-if",
-               "nosuch0", hostfile], **env)
+               "nosuch0", hostfile], **env, MASTER_ADDR="master.invalid")
     assert bad.returncode == 1
     for host in ("127.0.0.1", "localhost"):
         assert f"check: {host}: data path {tmp_path / 'nope'} not found" in bad.stdout
         assert f"check: {host}: network interface nosuch0 not found" in bad.stdout
+        assert f"check: {host}: MASTER_ADDR master.invalid does not resolve here" in bad.stdout
+    # a key the server does not accept: passwordless login is not set up
+    keys = sshd["dir"] / "authorized_keys"
+    saved = keys.read_text()
+    keys.write_text("")
+    try:
+        denied = run([*CHECK, "--ssh-only", "--ssh-port", port, hostfile], **env)
+    finally:
+        keys.write_text(saved)
+    lines = problems(denied)
+    assert denied.returncode == 1 and len(lines) == 2, denied.stdout
+    for line, host in zip(lines, ("127.0.0.1", "localhost")):
+        assert line == (f"check: {host}: ssh needs a password or key it does not have: "
+                        f"passwordless ssh is not set up (fix: ssh-copy-id -p {port} {host})")
 
     # a repository whose path holds no project, then no .venv, then a .venv without the packages
     fake = tmp_path / "elsewhere"
