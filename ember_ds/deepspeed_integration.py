@@ -41,14 +41,21 @@ def build_from_config(model_parameters, module, params: dict) -> Ember:
 
 
 def print_summary(engine) -> None:
-    """Rank 0 prints which parameters Ember factors and what the body optimizer gets."""
+    """Rank 0 prints which parameters Ember factors and what the body optimizer gets; under
+    pipeline parallelism the first rank of each stage prints its stage's."""
     import torch.distributed as dist
-    if dist.is_initialized() and dist.get_rank() != 0:
+    grid = getattr(engine, "grid", None) or getattr(getattr(engine, "module", None), "_grid", None)
+    stage = ""
+    if grid is not None and getattr(grid, "pipe_parallel_size", 1) > 1:
+        if grid.get_data_parallel_id() != 0 or grid.get_slice_parallel_rank() != 0:
+            return
+        stage = f"pipeline stage {grid.get_stage_id()}: "
+    elif dist.is_initialized() and dist.get_rank() != 0:
         return
     opt = engine.basic_optimizer
-    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     dp = getattr(engine, "dp_world_size", 1) or 1
-    print(opt.summary(zero_stage=stage, dp_size=dp), flush=True)
+    print(stage + opt.summary(zero_stage=zero, dp_size=dp), flush=True)
 
 
 def register_deepspeed() -> bool:

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default)")
     m.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides world size "
                    "and num_heads; default 1); the rest of the world is data parallel")
+    m.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages (DeepSpeed's pipeline engine; divides num_layers; "
+                        "ZeRO 0/1 only); default: the ds_config's pipeline.stages, else 1. "
+                        "world = TP x PP x DP")
     m.add_argument("--model", dest="model_overrides", action="append", type=_key_value,
                    default=[], metavar="KEY=VALUE",
                    help="override a GPTConfig field, e.g. --model hidden_size=64 --model "
@@ -156,11 +160,14 @@ def precision_of(ds_cfg: dict) -> str:
     return "fp32"
 
 
-def resolve_batch(ds_cfg: dict, world: int, tp: int, path="ds_config") -> tuple[int, int, int, int]:
+def resolve_batch(ds_cfg: dict, world: int, tp: int, path="ds_config",
+                  pp: int = 1) -> tuple[int, int, int, int]:
     """(micro batch, gradient accumulation, data-parallel size, global batch) from the ds_config,
     filling the missing one of the three like DeepSpeed does, and checking that
-    train_batch_size == micro * accumulation * (world / TP) when all are given."""
-    dp = world // tp
+    train_batch_size == micro * accumulation * (world / (TP x PP)) when all are given."""
+    dp = world // (tp * pp)
+    if pp > 1:
+        tp = f"{tp} / PP {pp}"                # for the messages: world / TP / PP
     micro = ds_cfg.get("train_micro_batch_size_per_gpu")
     accum = ds_cfg.get("gradient_accumulation_steps")
     total = ds_cfg.get("train_batch_size")
@@ -220,6 +227,16 @@ def model_config(args, vocab_size: Optional[int] = None):
         raise ConfigError(f"model settings: {e}") from e
 
 
+def pipeline_stages(args, ds_cfg: dict, ds_path="ds_config") -> int:
+    """--pp, else the ds_config's ``pipeline.stages`` (DeepSpeed's own key), else 1."""
+    pp = args.pp if getattr(args, "pp", None) is not None else \
+        (ds_cfg.get("pipeline") or {}).get("stages", 1)
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+        raise ConfigError(f"pipeline stages must be an integer >= 1 (--pp or {ds_path}'s "
+                          f"pipeline.stages), got {pp!r}")
+    return pp
+
+
 def validate(args, ds_cfg: dict, world: int, cuda: bool, ds_path="ds_config") -> dict:
     """Every start-up check that needs no process group or data. Returns the resolved plan."""
     tp = args.tp
@@ -227,7 +244,21 @@ def validate(args, ds_cfg: dict, world: int, cuda: bool, ds_path="ds_config") ->
         raise ConfigError(f"--tp must be >= 1, got {tp}")
     if world % tp:
         raise ConfigError(f"--tp {tp} does not divide the world size {world}")
+    pp = pipeline_stages(args, ds_cfg, ds_path)
+    if world % (tp * pp):
+        raise ConfigError(f"--tp {tp} x --pp {pp} does not divide the world size {world}")
     cfg = model_config(args)
+    if pp > 1:
+        if cfg.num_layers % pp:
+            raise ConfigError(f"--pp {pp} does not divide num_layers {cfg.num_layers} (each "
+                              f"stage takes the same number of decoder layers)")
+        stage = (ds_cfg.get("zero_optimization") or {}).get("stage", 0)
+        if stage not in (0, 1):
+            raise ConfigError(f"{ds_path}: ZeRO stage {stage} cannot be combined with pipeline "
+                              f"parallelism (--pp {pp}); DeepSpeed's pipeline engine takes ZeRO "
+                              f"0 or 1")
+        if getattr(cfg, "sequence_parallel", False) and tp > 1:
+            raise ConfigError(f"sequence parallelism is not supported with --pp {pp}")
     if cfg.num_heads % tp:
         raise ConfigError(f"--tp {tp} does not divide the number of attention heads "
                           f"{cfg.num_heads} of preset {args.preset!r}")
@@ -242,7 +273,7 @@ def validate(args, ds_cfg: dict, world: int, cuda: bool, ds_path="ds_config") ->
     if not cuda and precision != "fp32":
         raise ConfigError(f"{ds_path} enables {precision}, but no GPU is visible: on CPU train "
                           "in fp32 (use ds_configs/*_fp32.json)")
-    micro, accum, dp, global_batch = resolve_batch(ds_cfg, world, tp, ds_path)
+    micro, accum, dp, global_batch = resolve_batch(ds_cfg, world, tp, ds_path, pp)
     clip = ds_cfg.get("gradient_clipping")
     if clip is not None and (not isinstance(clip, (int, float)) or clip < 0):
         raise ConfigError(f"{ds_path}: gradient_clipping must be a number >= 0, got {clip!r}")
@@ -265,7 +296,8 @@ def validate(args, ds_cfg: dict, world: int, cuda: bool, ds_path="ds_config") ->
     if args.max_skipped_steps < 0:
         raise ConfigError(f"--max-skipped-steps must be >= 0, got {args.max_skipped_steps}")
     _check_folders(args)
-    return dict(tp=tp, dp=dp, world=world, micro=micro, accum=accum, global_batch=global_batch,
+    return dict(tp=tp, pp=pp, dp=dp, world=world, micro=micro, accum=accum,
+                global_batch=global_batch,
                 steps=steps, seq_length=cfg.seq_length, tokens_per_step=tokens_per_step,
                 precision=precision)
 
@@ -408,10 +440,10 @@ def finalize_ds_config(ds_cfg: dict, plan: dict) -> dict:
 # Resume: what a checkpoint's train_state.json records, and what must match to continue it
 # ------------------------------------------------------------------------------------------
 
-MUST_MATCH = ("preset", "embedding", "tp", "vocab_size", "seq_length", "data_digest", "dp",
-              "zero_stage")
+MUST_MATCH = ("preset", "embedding", "tp", "pp", "vocab_size", "seq_length", "data_digest",
+              "dp", "zero_stage")
 MAY_DIFFER = ("seed", "global_batch", "steps")
-SHAPE = ("dp", "zero_stage")
+SHAPE = ("dp", "zero_stage", "pp")
 
 
 def run_record(args, plan: dict, gcfg, zero_stage: int, prepared=None) -> dict:
@@ -419,7 +451,8 @@ def run_record(args, plan: dict, gcfg, zero_stage: int, prepared=None) -> dict:
     import dataclasses
     mc = {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list)) else str(v))
           for k, v in dataclasses.asdict(gcfg).items()} if dataclasses.is_dataclass(gcfg) else {}
-    rec = dict(preset=args.preset, embedding=args.embedding, tp=args.tp, seed=args.seed,
+    rec = dict(preset=args.preset, embedding=args.embedding, tp=args.tp,
+               pp=plan.get("pp", 1), seed=args.seed,
                global_batch=plan["global_batch"], micro=plan["micro"], accum=plan["accum"],
                dp=plan["dp"], zero_stage=zero_stage, seq_length=plan["seq_length"],
                steps=plan["steps"], model_config=mc)

@@ -97,6 +97,23 @@ def evaluate(engine, windows: TokenWindows, idx, micro: int, device, dist) -> fl
     return float(total[0] / total[1])
 
 
+def evaluate_pipeline(engine, windows: TokenWindows, idx, micro: int, device, dist) -> float:
+    """evaluate() through the pipeline engine: its eval schedule runs whole micro-batches
+    (the last stage's mean loss, broadcast to every stage), so a remainder of the validation
+    share smaller than one micro-batch is left out."""
+    import torch
+    n = len(idx) // micro
+    if n == 0:
+        raise ConfigError(f"--eval-samples gives each data-parallel rank {len(idx)} validation "
+                          f"windows, fewer than one micro-batch ({micro}) for the pipeline")
+    batches = (tuple(t.to(device) for t in windows.batch(idx[i * micro:(i + 1) * micro]))
+               for i in range(n))
+    loss = engine.eval_batch(batches, num_micro_batches=n).double().reshape(()) * n
+    total = torch.stack([loss, torch.tensor(float(n), dtype=torch.float64, device=device)])
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan")
 
@@ -167,10 +184,12 @@ class Trainer:
         if not self.cuda:
             disable_cpu_shm_build()
             torch.set_flush_denormal(True)   # subnormal floats can slow CPU kernels 10-100x
-        if ps.model_parallel_is_initialized() and \
-                ps.get_tensor_model_parallel_world_size() != self.args.tp:
+        self.pp = self.plan["pp"]
+        if ps.model_parallel_is_initialized() and (
+                ps.get_tensor_model_parallel_world_size(),
+                ps.get_pipeline_model_parallel_world_size()) != (self.args.tp, self.pp):
             destroy_model_parallel()
-        init_model_parallel(self.args.tp, seed=self.args.seed)
+        init_model_parallel(self.args.tp, seed=self.args.seed, pipeline_parallel=self.pp)
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         check_with_deepspeed(self.ds_cfg, self.ds_path,
@@ -246,22 +265,36 @@ class Trainer:
 
         from models.gpt import GPT
         from models.parallel import MegatronMPU
-        model = GPT(self.gcfg)
-        self.counts = model.param_counts() if hasattr(model, "param_counts") else {}
+        if self.pp > 1:   # DeepSpeed's pipeline engine; the module brings its own topology
+            from models.pipeline import gpt_pipeline, stage_param_groups
+            model = gpt_pipeline(self.gcfg, self.pp)
+            params = stage_param_groups(model)
+            self.counts = {k: v for k, v in self.gcfg.param_count().items()}
+            if self.args.embedding == "leviathan":
+                from models.leviathan import leviathan_param_count
+                self.counts["embedding"] = leviathan_param_count(
+                    self.gcfg.vocab_size, self.gcfg.hidden_size, **self.gcfg.leviathan)
+            mpu = None
+        else:
+            model = GPT(self.gcfg)
+            self.counts = model.param_counts() if hasattr(model, "param_counts") else {}
+            mpu = MegatronMPU() if self.args.tp > 1 else None
+            params = [p for p in model.parameters() if p.requires_grad]
         ds_logger = logging.getLogger("DeepSpeed")
         level = ds_logger.level
         if not self.args.verbose:  # silences "get learning rate before it has started"
             ds_logger.setLevel(logging.ERROR)
         try:
             self.engine, _, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                config=self.ds_cfg, mpu=MegatronMPU() if self.args.tp > 1 else None)
+                model=model, model_parameters=params,
+                config=self.ds_cfg, mpu=mpu)
         finally:
             ds_logger.setLevel(level)
         self.device = getattr(self.engine, "device", self.device)
         p = self.plan
         _log(f"{self.args.preset} / {self.args.embedding}: params {self.counts}, vocab "
-             f"{self.prepared.vocab_size}, world {self.world} = TP {self.args.tp} x DP "
+             f"{self.prepared.vocab_size}, world {self.world} = TP {self.args.tp} x PP "
+             f"{self.pp} x DP "
              f"{self.dp_size}, micro batch {p['micro']} x accum {p['accum']} -> "
              f"{p['global_batch']} x {p['seq_length']} = {p['tokens_per_step']:,} tokens/step, "
              f"{p['steps']} steps, {p['precision']} on {self.device.type}, {self.ds_path.name} "
@@ -292,6 +325,9 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def evaluate(self) -> float:
+        if self.pp > 1:
+            return evaluate_pipeline(self.engine, self.valid_windows, self.val_idx,
+                                     self.plan["micro"], self.device, self.dist)
         return evaluate(self.engine, self.valid_windows, self.val_idx, self.plan["micro"],
                         self.device, self.dist)
 
@@ -303,7 +339,11 @@ class Trainer:
         engine, accum = self.engine, self.plan["accum"]
         skipped_before = getattr(engine, "skipped_steps", 0)
         flags = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for micro in range(accum):
+        if self.pp > 1:   # the pipeline engine runs the accum micro-batches as one schedule
+            micro = (tuple(t.to(self.device) for t in self.train_windows.batch(
+                self.sampler.micro_batch_indices(step, m))) for m in range(accum))
+            flags[0] += engine.train_batch(micro).detach().double() * accum
+        for micro in range(accum if self.pp == 1 else 0):
             ids, labels = self.train_windows.batch(self.sampler.micro_batch_indices(step, micro))
             loss = engine(ids.to(self.device), labels=labels.to(self.device)).mean()
             if fault("nan", step + 1, self.rank):

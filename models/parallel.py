@@ -31,24 +31,29 @@ def init_distributed(backend: str | None = None) -> None:
         dist.init_process_group(backend=backend)
 
 
-def init_model_parallel(tensor_parallel: int = 1, seed: int = 1234) -> None:
-    """Initialise megatron-core parallel_state with ``tensor_parallel`` ranks per model replica
-    (the rest is data parallel) and seed its RNG trackers. On CPU the tracker is seeded without
-    touching torch.cuda."""
+def init_model_parallel(tensor_parallel: int = 1, seed: int = 1234,
+                        pipeline_parallel: int = 1) -> None:
+    """Initialise megatron-core parallel_state with ``tensor_parallel`` x ``pipeline_parallel``
+    ranks per model replica (the rest is data parallel; rank order TP, DP, PP as megatron and
+    DeepSpeed's pipeline topology both lay it out) and seed its RNG trackers. On CPU the
+    tracker is seeded without touching torch.cuda."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mcore_random
 
     init_distributed()
     world = dist.get_world_size()
-    if world % tensor_parallel:
-        raise ValueError(f"tensor parallel size {tensor_parallel} does not divide the world "
-                         f"size {world}")
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(f"tensor parallel size {tensor_parallel} x pipeline parallel size "
+                         f"{pipeline_parallel} does not divide the world size {world}")
     if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != tensor_parallel:
-            raise RuntimeError("megatron parallel_state is already initialised with TP = "
-                               f"{ps.get_tensor_model_parallel_world_size()}")
+        now = (ps.get_tensor_model_parallel_world_size(),
+               ps.get_pipeline_model_parallel_world_size())
+        if now != (tensor_parallel, pipeline_parallel):
+            raise RuntimeError(f"megatron parallel_state is already initialised with TP x PP = "
+                               f"{now[0]} x {now[1]}")
     else:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                     pipeline_model_parallel_size=pipeline_parallel)
     torch.manual_seed(seed)
     mcore_random.model_parallel_cuda_manual_seed(
         seed, inference_rng_tracker=not torch.cuda.is_available())
