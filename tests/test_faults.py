@@ -34,6 +34,7 @@ from launch import checkpoint as C
 from launch import lock as L
 from launch import settings as S
 from test_train import MODEL as TRAIN_MODEL
+from test_train import slurm_job
 from test_train import tiny  # noqa: F401  (the module's prepared tiny corpus)
 
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -308,12 +309,20 @@ def test_disk_full_while_saving(tiny, reference, tmp_path):
 @pytest.mark.dist
 def test_a_failing_rank_always_reports(tiny, tmp_path):
     """Repeated 2-rank runs: a settings error on every rank (a mistyped ds_config path; under
-    torchrun and the deepspeed launcher), and on rank 1 only (while rank 0 goes on starting
+    SLURM's slurm.sbatch with an srun stand-in, torchrun and the deepspeed launcher), and on
+    rank 1 only (while rank 0 goes on starting
     up): the message reaches the log every time, and the exit status says it failed."""
     typo = tmp_path / "ember_zer2.json"
     runs = [(["--deepspeed_config", str(typo), "--no-progress"], 2, {"launcher": launcher})
             for launcher in ("torchrun", "deepspeed")] + \
         [(args(tiny, tmp_path / "out"), 2, {"EMBER_FAULT": "config-error#1"})]
+    cmd, slurm_env = slurm_job(tmp_path, ["--deepspeed_config", str(typo), "--no-progress"])
+    slurm = subprocess.run(cmd, cwd=ROOT, env=slurm_env, capture_output=True, text=True,
+                           timeout=240)
+    assert slurm.returncode != 0
+    assert f"error: ds_config not found: {typo}" in slurm.stdout + slurm.stderr, \
+        (slurm.stdout + slurm.stderr)[-3000:]
+    count("settings error, every rank", True)
     for i, p in enumerate(train_all(runs)):
         assert p.returncode != 0
         if i < 2:

@@ -280,6 +280,24 @@ exit $rc
 """
 
 
+def slurm_job(tmp_path, args) -> tuple[list, dict]:
+    """(command, environment) of a 2-node ``sbatch launch/multinode/slurm.sbatch ARGS`` job
+    (torchrun mode, 1 rank per node as on a CPU partition) under stand-ins for srun/scontrol."""
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "srun").write_text(SRUN_STUB)
+    # two writes with a pause: a script that reads the first line through "| head" under
+    # pipefail dies silently of the SIGPIPE (the old flake of this test, now every time)
+    (stub / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\nsleep 0.3\n"
+                                   "echo localhost\n")
+    for f in stub.iterdir():
+        f.chmod(0o755)
+    return (["bash", "launch/multinode/slurm.sbatch", *args],
+            env(MASTER_PORT=str(free_port()), EMBER_NO_SETUP="1", SLURM_SUBMIT_DIR=str(ROOT),
+                SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2", SLURM_CPUS_PER_TASK="1",
+                PATH=f"{stub}{os.pathsep}{env()['PATH']}"))
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("how", ["torchrun", "deepspeed_no_ssh", "slurm"])
 def test_two_nodes_match_one_node(how, tiny, tmp_path, reference):
@@ -292,21 +310,7 @@ def test_two_nodes_match_one_node(how, tiny, tmp_path, reference):
     base = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), EMBER_NO_SETUP="1",
                 NPROC_PER_NODE="1")
     if how == "slurm":
-        stub = tmp_path / "bin"
-        stub.mkdir()
-        (stub / "srun").write_text(SRUN_STUB)
-        # two writes with a pause: a script that reads the first line through "| head" under
-        # pipefail dies silently of the SIGPIPE (the old flake of this test, now every time)
-        (stub / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\nsleep 0.3\n"
-                                       "echo localhost\n")
-        for f in stub.iterdir():
-            f.chmod(0o755)
-        base.pop("MASTER_ADDR")
-        base.pop("NPROC_PER_NODE")        # as on a CPU partition: 1 rank per node, from SLURM
-        cmds = [(["bash", "launch/multinode/slurm.sbatch", *args],
-                 env(**base, SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="n[1-2]",
-                     SLURM_NNODES="2", SLURM_CPUS_PER_TASK="1",
-                     PATH=f"{stub}{os.pathsep}{env()['PATH']}"))]
+        cmds = [slurm_job(tmp_path, args)]
     else:
         script = {"torchrun": "torchrun_multinode.sh", "deepspeed_no_ssh": "deepspeed_no_ssh.sh"}
         hostfile = tmp_path / "hostfile"
