@@ -58,6 +58,19 @@ def print_summary(engine) -> None:
     print(stage + opt.summary(zero_stage=zero, dp_size=dp), flush=True)
 
 
+def _check_client_tables(opt: Ember, module) -> None:
+    """An Ember built from untagged tensors factors nothing; when the engine's model has token
+    tables, that is a mistake to stop on, not a run of AdamW under Ember's name."""
+    if opt.token_tables or module is None:
+        return
+    tables = {id(p) for p in tag_module_tables(module)}
+    found = [n for n, p in module.named_parameters() if id(p) in tables]
+    if found:
+        raise ValueError(f"Ember was built from untagged parameters and factors no table, but "
+                         f"the model has token tables ({', '.join(found[:3])}): build it with "
+                         f"Ember(model), or name Ember in the ds_config")
+
+
 def register_deepspeed() -> bool:
     """Make ``"optimizer": {"type": "Ember"}`` work in DeepSpeed ds_configs, and let ZeRO use
     Ember without ``zero_allow_untested_optimizer``. Idempotent; ``import ember_ds`` calls it.
@@ -104,6 +117,7 @@ def register_deepspeed() -> bool:
         finally:
             _WRAPPER_INIT_DEPTH[0] -= 1
         if isinstance(self.basic_optimizer, Ember):
+            _check_client_tables(self.basic_optimizer, self.module)
             self.basic_optimizer.attach_deepspeed(self.optimizer)
             print_summary(self)
         return result

@@ -85,9 +85,15 @@ class Ember(torch.optim.Optimizer):
         elif tables or exclude_tables:
             raise ValueError("Ember: tables / exclude_tables patterns need the model: pass the "
                              "nn.Module (or use the ds_config route, which sees engine.module)")
+        from_module = isinstance(params, nn.Module)
         table_groups, body_groups = _split_groups(params)
         if not table_groups and not body_groups:
             raise ValueError("Ember got an empty parameter list")
+        if not table_groups and not from_module and not _WRAPPER_INIT_DEPTH[0]:
+            warnings.warn("Ember: none of the parameters it was given is a token table "
+                          "(untagged tensors), so everything goes to the body optimizer; pass "
+                          "the model itself (Ember(model)), tag the tables with "
+                          "ember_ds.mark_token_table, or name Ember in the ds_config")
 
         self._tables: list = []          # original table Parameters, in group order
         self._table_index: dict = {}     # id(param) -> table index

@@ -12,7 +12,8 @@ fi
 # shellcheck disable=SC1091
 . "$_venv/bin/activate"
 _stamp="$_venv/.ember_stamp"
-_want="$(cat "$_root/setup.py" "$_root/constraints.txt" | sha256sum | cut -c1-16)"
+# the .pth of the zero-code hook is generated from ember_ds/_autoload.py at install time
+_want="$(cat "$_root/setup.py" "$_root/constraints.txt" "$_root/ember_ds/_autoload.py" | sha256sum | cut -c1-16)"
 if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
   echo "[setup] installing pinned dependencies (about a minute on a fresh machine)"
   # DS_BUILD_OPS=0: DeepSpeed builds no C++/CUDA ops ahead of time (JIT where needed).

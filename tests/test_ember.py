@@ -298,3 +298,19 @@ def test_a_table_listed_twice_is_stepped_once():
     opt.step()
     ref_tables.step()
     assert rel_err(model.emb.weight, ref.emb.weight) < 1e-5
+
+
+def test_untagged_tensors_are_said_out_loud():
+    model = TinyLM(tied=True)                      # TinyLM(tied) tags nothing itself
+    plain = [p for p in model.parameters()]
+    for p in plain:
+        ember_ds.tables.mark_not_token_table(p)    # start from an untagged, unruled state
+        delattr(p, ember_ds.tables._BODY_ATTR)
+    with pytest.warns(UserWarning, match="none of the parameters it was given is a token table"):
+        opt = Ember(plain)
+    assert opt.token_tables == []
+    from ember_ds.deepspeed_integration import _check_client_tables
+    with pytest.raises(ValueError, match=r"factors no table, but the model has token tables "
+                                         r"\(emb.weight\)"):
+        _check_client_tables(opt, model)
+    _check_client_tables(Ember(TinyLM()), TinyLM())          # tables found: nothing to say
