@@ -14,7 +14,8 @@
 # Knobs (environment): QUICKSTART_STEPS (default 1500 on CPU, 2000 on GPU), QUICKSTART_MINUTES
 # (time cap of the training loop, default 6), QUICKSTART_DATA (files/folders, default the shipped
 # KJV corpus), QUICKSTART_VOCAB (default 4096), QUICKSTART_OUT (default runs/quickstart),
-# QUICKSTART_ARGS (extra launch/train.py flags, word-split), EMBER_DATA_CACHE (data cache),
+# QUICKSTART_ARGS (extra launch/train.py flags, word-split; e.g. "--pp 2" or "--tp 2" with 2+ GPUs,
+# "--model recompute=full"), EMBER_DATA_CACHE (data cache),
 # EMBER_NO_SETUP=1 (use the active Python environment instead of sourcing launch/setup_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "under python, torchrun and the deepspeed launcher. docs/LAUNCH.md has "
                     "the details.")
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", help="GPT preset of models/gpt.py: tiny (default), 60m, 410m")
+    m.add_argument("--preset", default="tiny", help="GPT preset of models/gpt.py: tiny (default), 60m, 410m, 1b")
     m.add_argument("--embedding", choices=("dense", "leviathan"), default="leviathan",
                    help="input embedding: a dense vocab-parallel table or the Leviathan generator "
                         "(default)")
