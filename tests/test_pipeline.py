@@ -10,9 +10,10 @@ import torch
 
 from conftest import ROOT, torchrun
 
-REFERENCE = ["dense:ember:1:1:1", "leviathan:ember:1:1:1", "dense:adamw:1:1:1"]
+REFERENCE = ["dense:ember:1:1:1", "leviathan:ember:1:1:1", "dense:adamw:1:1:1",
+             "leviathan:adamw:1:1:1"]
 TWO = ["dense:ember:1:2:1", "leviathan:ember:1:2:1", "dense:adamw:1:2:1"]
-FOUR = ["dense:ember:2:2:1", "leviathan:ember:1:2:2"]
+FOUR = ["dense:ember:2:2:1", "leviathan:adamw:2:2:1", "leviathan:ember:1:2:2"]
 
 
 @pytest.fixture(scope="module")
