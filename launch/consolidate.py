@@ -1,0 +1,116 @@
+"""A checkpoint of launch/train.py, of any TP / PP shape, as one plain GPT (TP = 1, PP = 1).
+
+    from launch.consolidate import load_consolidated
+    model, state = load_consolidated("ckpt")        # the --save folder, or one step folder
+
+The weights come from DeepSpeed's module files, which hold every TP rank's shard in full
+whatever the data-parallel size and ZeRO stage 0-2 (``mp_rank_XX_model_states.pt``; under
+pipeline parallelism ``layer_LL-model_XX-model_states.pt``); ZeRO-3 at TP = 1 goes through
+DeepSpeed's own zero_to_fp32 consolidation. Shards are joined along each parameter's
+tensor-parallel dimension as GPT's partition attributes say (stride, fused blocks), the
+vocabulary tables are cut to the real rows and padded for TP = 1. Nothing needs a process
+group of more than one rank. bf16 / fp16 weights come back as fp32.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+TRAIN_STATE = "train_state.json"
+
+
+def checkpoint_folder(path) -> Path:
+    """The step folder of ``path``: itself when it holds train_state.json, else the one its
+    ``latest`` file names."""
+    path = Path(path)
+    if (path / TRAIN_STATE).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        folder = path / latest.read_text().strip()
+        if (folder / TRAIN_STATE).is_file():
+            return folder
+    raise FileNotFoundError(f"{path}: not a checkpoint of launch/train.py (no {TRAIN_STATE}, "
+                            f"no 'latest' naming a folder with one)")
+
+
+def model_config(state: dict):
+    """The GPTConfig a checkpoint was trained with."""
+    from models.gpt import GPTConfig
+    fields = dict(state["model_config"])
+    dtype = fields.get("params_dtype")
+    if isinstance(dtype, str):
+        fields["params_dtype"] = getattr(torch, dtype.removeprefix("torch."))
+    return GPTConfig(**{k: v for k, v in fields.items() if k in GPTConfig.__dataclass_fields__})
+
+
+def shard_state_dicts(folder: Path, state: dict) -> list[dict]:
+    """One state dict per TP rank, in GPT's parameter names (tensors only)."""
+    tp, pp = int(state.get("tp", 1)), int(state.get("pp", 1))
+    if int(state.get("zero_stage", 0)) == 3:
+        if tp > 1:
+            raise ValueError(f"{folder}: a ZeRO-3 checkpoint at TP {tp} cannot be consolidated "
+                             f"yet (TP 1 can)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return [dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent),
+                                                               tag=folder.name))]
+    shards = [{} for _ in range(tp)]
+    if pp > 1:
+        from models.pipeline import gpt_name
+        layers = int(state["model_config"]["num_layers"])
+        for f in sorted(folder.glob("layer_*-model_*-model_states.pt")):
+            index, rank = map(int, re.match(r"layer_(\d+)-model_(\d+)-", f.name).groups())
+            for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+                shards[rank][gpt_name(f"{index}.{k}", layers)] = v
+    else:
+        for rank in range(tp):
+            f = folder / f"mp_rank_{rank:02d}_model_states.pt"
+            shards[rank] = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    return [{k: v for k, v in s.items() if torch.is_tensor(v)} for s in shards]
+
+
+def join(shards: list, param) -> torch.Tensor:
+    """The full tensor of ``param`` (a TP = 1 GPT parameter carrying GPT's partition
+    attributes) from its TP shards."""
+    if len(shards) == 1 or not getattr(param, "tensor_model_parallel", False):
+        return shards[0]
+    dim, tp = param.partition_dim, len(shards)
+    blocks = getattr(param, "partition_blocks", None)
+    if blocks is not None:
+        parts = [s.split([b // tp for b in blocks], dim=dim) for s in shards]
+        stride = len(blocks)
+    else:
+        stride = getattr(param, "partition_stride", 1)
+        parts = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([parts[r][j] for j in range(stride) for r in range(tp)], dim=dim)
+
+
+def load_consolidated(path):
+    """(GPT at TP = 1 holding the checkpoint's weights in fp32, its train_state dict)."""
+    from models.gpt import GPT
+    folder = checkpoint_folder(path)
+    state = json.loads((folder / TRAIN_STATE).read_text())
+    cfg = model_config(state)
+    cfg.params_dtype = torch.float32
+    model = GPT(cfg)
+    shards = shard_state_dicts(folder, state)
+    V = cfg.vocab_size
+    full = {}
+    for name, p in model.named_parameters():
+        missing = [i for i, s in enumerate(shards) if name not in s]
+        if missing:
+            raise ValueError(f"{folder}: parameter {name} missing from TP rank(s) {missing}")
+        t = join([s[name].float() for s in shards], p)
+        if name in ("embedding.weight", "lm_head.weight"):    # padding differs with TP
+            padded = torch.zeros_like(p, dtype=torch.float32)
+            padded[:V] = t[:V]
+            t = padded
+        if t.shape != p.shape:
+            raise ValueError(f"{folder}: parameter {name} joins to {tuple(t.shape)}, the model "
+                             f"has {tuple(p.shape)}")
+        full[name] = t
+    model.load_state_dict(full, strict=False)
+    return model, state

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Export a launch/train.py checkpoint (any TP / PP shape; dense or Leviathan) as a Hugging Face
+``LlamaForCausalLM`` folder (config.json + model.safetensors) that ``from_pretrained`` loads
+offline.
+
+    python launch/export.py --checkpoint ckpt --out hf_model [--tokenizer tokenizer.model]
+
+The project's GPT is LLaMA's architecture (RMSNorm, rotate-half RoPE, SwiGLU, grouped-query
+attention, untied head), so the export is a renaming: qkv splits into q/k/v_proj, gate_up into
+gate/up_proj, and a Leviathan generator is materialised into the dense V x D table it defines
+(the same logits; the generator itself is not a transformers module). The vocabulary padding is
+dropped. ``--tokenizer`` (or the checkpoint folder's own tokenizer.model) is copied beside the
+weights as ``tokenizer.model`` (SentencePiece; load it with ``sentencepiece``).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def llama_config(cfg):
+    """The transformers LlamaConfig of a GPTConfig."""
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        bos_token_id=1, eos_token_id=2)
+
+
+def llama_state_dict(model) -> dict:
+    """LlamaForCausalLM's state dict from a TP = 1 GPT (models.gpt.GPT)."""
+    import torch
+    cfg = model.cfg
+    V, H, G, hd, Fh = (cfg.vocab_size, cfg.num_heads, cfg.num_query_groups, cfg.head_dim,
+                       cfg.ffn_hidden_size)
+    with torch.no_grad():
+        table = (model.embedding.materialize() if model.embedding_kind == "leviathan"
+                 else model.embedding.weight[:V])
+        sd = {"model.embed_tokens.weight": table, "model.norm.weight": model.norm.weight,
+              "lm_head.weight": model.lm_head.weight[:V]}
+        for i, layer in enumerate(model.layers):
+            p = f"model.layers.{i}."
+            q, k, v = layer.attn.qkv.weight.split([H * hd, G * hd, G * hd], dim=0)
+            gate, up = layer.mlp.gate_up.weight.split([Fh, Fh], dim=0)
+            sd.update({
+                p + "input_layernorm.weight": layer.attn_norm.weight,
+                p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.attn.proj.weight,
+                p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
+                p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": layer.mlp.down.weight})
+    return {k: t.detach().float().contiguous().clone() for k, t in sd.items()}
+
+
+def export(checkpoint, out, tokenizer=None) -> Path:
+    """Write the HF folder ``out`` from ``checkpoint``; returns ``out``."""
+    from transformers import LlamaForCausalLM
+
+    from launch.consolidate import checkpoint_folder, load_consolidated
+    model, state = load_consolidated(checkpoint)
+    hf = LlamaForCausalLM(llama_config(model.cfg))
+    missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping is incomplete: missing {missing}, unexpected "
+                           f"{unexpected}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, safe_serialization=True)
+    spm = Path(tokenizer) if tokenizer else checkpoint_folder(checkpoint) / "tokenizer.model"
+    if spm.is_file():
+        shutil.copyfile(spm, out / "tokenizer.model")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a --save folder (its latest checkpoint) or one step folder")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--tokenizer", help="SentencePiece model to copy beside the weights")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[export] {out}: LlamaForCausalLM (safetensors + config.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

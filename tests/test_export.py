@@ -1,0 +1,82 @@
+"""launch/consolidate.py and launch/export.py: a TP = 2 checkpoint joins to the TP = 1 run's
+weights, and its Hugging Face export (LlamaForCausalLM from safetensors, loaded offline) gives
+the project model's logits (Leviathan generator materialised into the table)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port
+
+LEV = '{"seed_dim":16,"modes":8,"heads":2,"knots":4}'
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The same 2-step Leviathan run at TP 1 (one process) and TP 2 (two ranks)."""
+    from launch import data as D
+    tmp = tmp_path_factory.mktemp("export")
+    corpus = tmp / "tiny.txt"
+    corpus.write_text("\n\n".join(list(D.iter_file_documents(D.DEFAULT_CORPUS))[:40]) + "\n")
+    D.prepare_data([corpus], tmp / "cache", D.DataSettings(vocab_size=256), log=lambda m: None)
+    out = {}
+    for tp in (1, 2):
+        launch = [sys.executable] if tp == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        cmd = [*launch, str(ROOT / "launch" / "train.py"), "--data", str(corpus),
+               "--cache-dir", str(tmp / "cache"), "--out", str(tmp / f"run{tp}"), "--steps", "2",
+               "--deepspeed_config", str(ROOT / "ds_configs" / "ember_zero1_fp32.json"),
+               "--vocab-size", "256", "--model", "hidden_size=32", "--model", "num_layers=1",
+               "--model", "num_heads=2", "--model", "ffn_hidden_size=64", "--model",
+               "seq_length=32", "--model", f"leviathan={LEV}", "--eval-samples", "4",
+               "--ds", "train_micro_batch_size_per_gpu=4", "--no-progress", "--tp", str(tp),
+               "--save", str(tmp / f"ckpt{tp}")]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        out[tp] = tmp / f"ckpt{tp}"
+    return out
+
+
+def test_tp2_checkpoint_joins_to_the_tp1_weights(checkpoints):
+    from launch.consolidate import load_consolidated
+    one, state1 = load_consolidated(checkpoints[1])
+    two, state2 = load_consolidated(checkpoints[2])
+    assert (state1["tp"], state2["tp"], state2["step"]) == (1, 2, 2)
+    fresh = dict(type(one)(one.cfg).named_parameters())
+    params2 = dict(two.named_parameters())
+    for name, p in one.named_parameters():
+        assert (p - params2[name]).abs().max() < 1e-5, name
+        if name.startswith(("layers.", "lm_head")):
+            assert (p - fresh[name]).abs().max() > 1e-4, name    # trained, not initial
+
+
+def test_hugging_face_export_gives_the_same_logits(checkpoints, tmp_path):
+    import transformers
+
+    from launch.consolidate import load_consolidated
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint",
+                           str(checkpoints[2]), "--out", str(tmp_path / "hf")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    model, _ = load_consolidated(checkpoints[2])
+    assert hf.config.num_key_value_heads == model.cfg.num_query_groups
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        ours = model(ids)[..., :model.cfg.vocab_size]
+        theirs = hf(ids).logits
+    assert ours.abs().max() > 0.05
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint",
+                           str(tmp_path), "--out", str(tmp_path / "hf")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: not a checkpoint")
