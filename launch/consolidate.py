@@ -37,6 +37,23 @@ def checkpoint_folder(path) -> Path:
                             f"no 'latest' naming a folder with one)")
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def find_tokenizer(path, given=None) -> Path:
+    """The tokenizer train.py keeps beside its checkpoints (the --save folder), or an export
+    folder's copy; ``given`` wins."""
+    if given:
+        return Path(given)
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    raise FileNotFoundError(f"no tokenizer next to {path} (tokenizer.model / tokenizer.json); "
+                            f"give --tokenizer")
+
+
 def model_config(state: dict):
     """The GPTConfig a checkpoint was trained with."""
     from models.gpt import GPTConfig

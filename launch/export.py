@@ -9,8 +9,9 @@ The project's GPT is LLaMA's architecture (RMSNorm, rotate-half RoPE, SwiGLU, gr
 attention, untied head), so the export is a renaming: qkv splits into q/k/v_proj, gate_up into
 gate/up_proj, and a Leviathan generator is materialised into the dense V x D table it defines
 (the same logits; the generator itself is not a transformers module). The vocabulary padding is
-dropped. ``--tokenizer`` (or the checkpoint folder's own tokenizer.model) is copied beside the
-weights as ``tokenizer.model`` (SentencePiece; load it with ``sentencepiece``).
+dropped. The tokenizer train.py keeps in the --save folder (or ``--tokenizer``) is copied beside
+the weights (``tokenizer.model`` for SentencePiece, ``tokenizer.json`` for a Hugging Face one);
+launch/generate.py reads it from there.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def export(checkpoint, out, tokenizer=None) -> Path:
     """Write the HF folder ``out`` from ``checkpoint``; returns ``out``."""
     from transformers import LlamaForCausalLM
 
-    from launch.consolidate import checkpoint_folder, load_consolidated
+    from launch.consolidate import checkpoint_folder, find_tokenizer, load_consolidated
     model, state = load_consolidated(checkpoint)
     hf = LlamaForCausalLM(llama_config(model.cfg))
     missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
@@ -77,9 +78,17 @@ def export(checkpoint, out, tokenizer=None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
-    spm = Path(tokenizer) if tokenizer else checkpoint_folder(checkpoint) / "tokenizer.model"
-    if spm.is_file():
-        shutil.copyfile(spm, out / "tokenizer.model")
+    try:
+        tok = find_tokenizer(checkpoint_folder(checkpoint), tokenizer)
+    except FileNotFoundError:
+        tok = None                    # weights only; say so
+        print("[export] no tokenizer found next to the checkpoint: weights only "
+              "(give --tokenizer)")
+    if tok is not None:
+        shutil.copyfile(tok, out / tok.name)
+        eod = tok.parent / "eod_token.txt"
+        if eod.is_file():
+            shutil.copyfile(eod, out / eod.name)
     return out
 
 
@@ -88,7 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True,
                    help="a --save folder (its latest checkpoint) or one step folder")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    p.add_argument("--tokenizer", help="SentencePiece model to copy beside the weights")
+    p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: "
+                   "the one in the checkpoint's --save folder)")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.tokenizer)

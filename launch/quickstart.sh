@@ -68,3 +68,7 @@ print(f"  loss plot:  {s.get('plot')}")
 print(f"  summary:    {sys.argv[1]}")
 print(f"  checkpoint: {s['checkpoint']}  (continue with --resume)")
 EOF
+echo "[quickstart] a sample from the trained model (launch/generate.py; export: launch/export.py):"
+python launch/generate.py --checkpoint "$OUT/checkpoints" --prompt "${QUICKSTART_PROMPT:-And God said}" \
+  --max-new-tokens 40 --temperature 0.8 --top-k 40 2>/dev/null | sed 's/^/  /' \
+  || echo "  (generation failed: python launch/generate.py --checkpoint $OUT/checkpoints --prompt ...)"

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -240,8 +241,24 @@ class Trainer:
                                             plan["accum"], self.dp_size, self.dp_rank)
         self.val_idx = eval_indices(len(self.valid_windows), args.eval_samples, self.dp_size,
                                     self.dp_rank)
+        self.keep_tokenizer()
         self.gcfg = model_config(args, vocab_size=self.prepared.vocab_size)
         self.record = run_record(args, self.plan, self.gcfg, self.zero_stage, self.prepared)
+
+    def keep_tokenizer(self) -> None:
+        """Rank 0 copies the tokenizer into --save, so that launch/export.py and
+        launch/generate.py find it next to the checkpoints."""
+        if self.rank != 0 or not self.args.save:
+            return
+        src = self.prepared.tokenizer_path
+        try:
+            save = Path(self.args.save)
+            save.mkdir(parents=True, exist_ok=True)
+            for f in (src, src.parent / "eod_token.txt"):
+                if f.is_file():
+                    shutil.copyfile(f, save / f.name)
+        except OSError as e:
+            _log(f"warning: could not copy the tokenizer into {self.args.save}: {e}", 0)
 
     def choose_checkpoint(self) -> Optional[Path]:
         """The newest intact checkpoint (verified against its manifest, damaged ones set

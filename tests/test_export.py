@@ -80,3 +80,19 @@ def test_export_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: not a checkpoint")
+
+
+def test_generate_from_a_checkpoint_and_its_export(checkpoints, tmp_path):
+    """Greedy decoding from the checkpoint (tokenizer found in its --save folder) and from its
+    export give the same text; sampling is seeded."""
+    from launch.export import export
+    from launch.generate import generate
+    out = export(checkpoints[2], tmp_path / "hf")
+    assert (out / "tokenizer.model").is_file()
+    greedy = [generate(p, "In the beginning", max_new_tokens=12, temperature=0)
+              for p in (checkpoints[2], out)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("In the beginning")
+    assert len(greedy[0]) > len("In the beginning")
+    sampled = [generate(out, "And", max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9,
+                        seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]

@@ -366,3 +366,6 @@ def test_quickstart_script(tiny, tmp_path):
     assert "validation loss before" in out and "validation loss after" in out
     assert str(tmp_path / "qs" / "metrics.csv") in out and str(tmp_path / "qs" / "loss.png") in out
     assert (tmp_path / "qs" / "loss.png").is_file()
+    # it ends with a sample of the trained model (launch/generate.py), not the fallback line
+    sample = out.split("a sample from the trained model")[1]
+    assert "And God said" in sample and "generation failed" not in sample
