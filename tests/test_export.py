@@ -96,3 +96,38 @@ def test_generate_from_a_checkpoint_and_its_export(checkpoints, tmp_path):
     sampled = [generate(out, "And", max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9,
                         seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]
+
+
+def test_evaluate_scores_every_next_token_of_the_files(checkpoints, tmp_path):
+    """launch/evaluate.py's loss equals the project model's mean token loss over the same
+    windows, computed here from the tokenizer and GPT directly."""
+    import subprocess as sp
+    import json as js
+
+    from launch.consolidate import find_tokenizer, load_consolidated
+    from launch.tokenization import load_cached
+    docs = ["In the beginning God created the heaven and the earth.",
+            "And the earth was without form, and void; and darkness was upon the face of the deep."
+            " And the Spirit of God moved upon the face of the waters."]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(js.dumps({"text": d}) + "\n" for d in docs))
+    proc = sp.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint",
+                   str(checkpoints[2]), "--data", str(data), "--json", str(tmp_path / "r.json")],
+                  cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = js.loads((tmp_path / "r.json").read_text())
+    assert "[evaluate] loss" in proc.stdout
+
+    tok_file = find_tokenizer(checkpoints[2])
+    tok = load_cached(tok_file.parent, tok_file.name)
+    ids = [i for d in docs for i in tok.encode_batch([d])[0] + [tok.eod_id]]
+    model, _ = load_consolidated(checkpoints[2])
+    seq = model.cfg.seq_length
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, seq):
+            w = torch.tensor([ids[start:start + seq + 1]])
+            losses.append(model(w[:, :-1], labels=w[:, 1:]).reshape(-1))
+    want = torch.cat(losses)
+    assert got["tokens"] == want.numel() == len(ids) - 1 and got["windows"] == len(losses) > 1
+    assert abs(got["loss"] - want.mean().item()) < 1e-5
