@@ -6,7 +6,7 @@
 #   bash launch/quickstart.sh
 #
 # CPU (no GPU visible): one process, fp32 (ds_configs/ember_zero1_fp32.json); 1500 steps take about
-# 2.5 minutes on 2 idle cores; the training loop is capped at QUICKSTART_MINUTES (default 6), so the
+# 2.5-3 minutes on 2 idle cores; the training loop is capped at QUICKSTART_MINUTES (default 6), so the
 # whole script stays under 10 minutes even on a busy machine (plus about a minute the first time,
 # when setup_env.sh creates .venv).
 # GPU: torchrun over every visible GPU, bf16 (ds_configs/ember_zero1_bf16.json).
@@ -70,5 +70,5 @@ print(f"  checkpoint: {s['checkpoint']}  (continue with --resume)")
 EOF
 echo "[quickstart] a sample from the trained model (launch/generate.py; export: launch/export.py):"
 python launch/generate.py --checkpoint "$OUT/checkpoints" --prompt "${QUICKSTART_PROMPT:-And God said}" \
-  --max-new-tokens 40 --temperature 0.8 --top-k 40 2>/dev/null | sed 's/^/  /' \
+  --max-new-tokens 40 --temperature 0.8 --top-k 40 2>/dev/null | grep -v '\] \[WARNING\] \[' | sed 's/^/  /' \
   || echo "  (generation failed: python launch/generate.py --checkpoint $OUT/checkpoints --prompt ...)"
