@@ -286,11 +286,7 @@ class Trainer:
             from models.pipeline import gpt_pipeline, stage_param_groups
             model = gpt_pipeline(self.gcfg, self.pp)
             params = stage_param_groups(model)
-            self.counts = {k: v for k, v in self.gcfg.param_count().items()}
-            if self.args.embedding == "leviathan":
-                from models.leviathan import leviathan_param_count
-                self.counts["embedding"] = leviathan_param_count(
-                    self.gcfg.vocab_size, self.gcfg.hidden_size, **self.gcfg.leviathan)
+            self.counts = model.param_counts
             mpu = None
         else:
             model = GPT(self.gcfg)
@@ -356,18 +352,18 @@ class Trainer:
         engine, accum = self.engine, self.plan["accum"]
         skipped_before = getattr(engine, "skipped_steps", 0)
         flags = torch.zeros(3, dtype=torch.float64, device=self.device)
+        batches = ([t.to(self.device) for t in self.train_windows.batch(
+            self.sampler.micro_batch_indices(step, m))] for m in range(accum))
         if self.pp > 1:   # the pipeline engine runs the accum micro-batches as one schedule
-            micro = (tuple(t.to(self.device) for t in self.train_windows.batch(
-                self.sampler.micro_batch_indices(step, m))) for m in range(accum))
-            flags[0] += engine.train_batch(micro).detach().double() * accum
-        for micro in range(accum if self.pp == 1 else 0):
-            ids, labels = self.train_windows.batch(self.sampler.micro_batch_indices(step, micro))
-            loss = engine(ids.to(self.device), labels=labels.to(self.device)).mean()
-            if fault("nan", step + 1, self.rank):
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()
-            flags[0] += loss.detach().double()
+            flags[0] += engine.train_batch(map(tuple, batches)).detach().double() * accum
+        else:
+            for ids, labels in batches:
+                loss = engine(ids, labels=labels).mean()
+                if fault("nan", step + 1, self.rank):
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                engine.step()
+                flags[0] += loss.detach().double()
         gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         gn = float(gn) if gn is not None else None
         # fp16's loss scaler skips overflowing steps by design; elsewhere a skip means trouble

@@ -107,6 +107,7 @@ def gpt_pipeline(cfg: GPTConfig, pp: int):
     module = PipelineModule(pipeline_layers(gpt), topology=topo, loss_fn=lm_loss,
                             partition_method="type:BlockStage")
     module.gpt_config = cfg
+    module.param_counts = gpt.param_counts()     # global counts, before the other stages go
     return module
 
 

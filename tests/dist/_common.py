@@ -14,6 +14,18 @@ def write_result(obj) -> None:
     out.write_text(json.dumps(obj))
 
 
+def start_deepspeed_ranks() -> tuple[int, int]:
+    """DeepSpeed's process group over gloo, without the CPU shared-memory op build; returns
+    (rank, world)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    import ember_ds
+    ember_ds.disable_cpu_shm_build()
+    deepspeed.init_distributed(dist_backend="gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def finish(obj) -> None:
     """Write this rank's result, wait for every rank, and leave without interpreter teardown
     (DeepSpeed's offload threads and gloo can abort in atexit handlers after a clean run)."""

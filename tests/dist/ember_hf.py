@@ -13,10 +13,9 @@ import copy
 import io
 import sys
 
-from _common import finish
+from _common import finish, start_deepspeed_ranks
 
 import torch
-import torch.distributed as dist
 
 import deepspeed
 import ember_ds
@@ -93,9 +92,7 @@ def run(name, stage, rank, world):
 
 
 def main():
-    ember_ds.disable_cpu_shm_build()
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_deepspeed_ranks()
     out = {}
     for spec in sys.argv[1:]:
         name, stage = spec.split(":")

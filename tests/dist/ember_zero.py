@@ -8,7 +8,7 @@ import copy
 import sys
 import tempfile
 
-from _common import finish
+from _common import finish, start_deepspeed_ranks
 
 import torch
 import torch.distributed as dist
@@ -175,9 +175,7 @@ def resume_check(stage, dtype, world, rank, data):
 
 
 def main():
-    ember_ds.disable_cpu_shm_build()
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_deepspeed_ranks()
     out = {}
     for spec in sys.argv[1:]:
         stage, dtype, *rest = spec.split(":")

@@ -23,6 +23,7 @@ import ember_ds                                                     # noqa: E402
 from models.gpt import GPT, GPTConfig                               # noqa: E402
 from models.parallel import MegatronMPU, init_distributed          # noqa: E402
 from models.pipeline import gpt_name, gpt_pipeline, stage_param_groups  # noqa: E402
+from launch.consolidate import join                                 # noqa: E402
 
 V, S, MICRO, GLOBAL, STEPS = 256, 16, 2, 8, 4
 LEV = dict(seed_dim=16, heads=4, knots=8, modes=8)
@@ -54,16 +55,9 @@ def unshard(p, tp_group):
     tp = dist.get_world_size(tp_group)
     if tp == 1 or not getattr(p, "tensor_model_parallel", False):
         return p.detach().clone()
-    dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
     parts = [torch.empty_like(p) for _ in range(tp)]
     dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
-    blocks = getattr(p, "partition_blocks", None)
-    if blocks is not None:
-        pieces = [x.split([b // tp for b in blocks], dim=dim) for x in parts]
-        stride = len(blocks)
-    else:
-        pieces = [x.chunk(stride, dim=dim) for x in parts]
-    return torch.cat([pieces[r][j] for j in range(stride) for r in range(tp)], dim=dim)
+    return join(parts, p)
 
 
 def run(case):
