@@ -395,6 +395,19 @@ class Ember(torch.optim.Optimizer):
         saved = state_dict.pop("ember_tables", None)
         if saved is None:
             raise ValueError("Ember.load_state_dict: not an Ember state dict (no 'ember_tables')")
+        restored = self._restored_tables(saved)
+        super().load_state_dict(state_dict)
+        self._table_state = restored
+        if self._body is not None:
+            self._body.state = self.state
+
+    def load_table_state(self, saved: dict) -> None:
+        """Only the tables' state (``state_dict()["ember_tables"]``, in this optimizer's own
+        layout): how launch/reshard.py restores r, c, s and step into a job of another shape
+        while DeepSpeed's partitions receive the body optimizer's state."""
+        self._table_state = self._restored_tables(saved)
+
+    def _restored_tables(self, saved: dict) -> dict:
         if len(saved["tables"]) != len(self._tables):
             raise ValueError(f"Ember.load_state_dict: checkpoint has {len(saved['tables'])} token "
                              f"tables, this optimizer {len(self._tables)}")
@@ -421,10 +434,7 @@ class Ember(torch.optim.Optimizer):
                                s=st["s"].detach().to(torch.float32).clone().reshape(1),
                                step=int(st["step"]),
                                nonfinite_skips=int(st.get("nonfinite_skips", 0)))
-        super().load_state_dict(state_dict)
-        self._table_state = restored
-        if self._body is not None:
-            self._body.state = self.state
+        return restored
 
 
 def _split_groups(params):

@@ -465,6 +465,30 @@ class Checkpointer:
         return client or {}
 
 
+    def load_resharded(self, folder: Path, set_rng_state: Callable[[dict], None],
+                       names=None) -> dict:
+        """Resume ``folder`` at this engine's job shape, which differs from the one that saved
+        it (launch/reshard.py); returns its client state with ``converted`` (what was restored,
+        from which shape). Ranks that did not exist take rank 0's random state."""
+        import torch
+
+        from launch.reshard import describe, load_universal, read_universal
+        try:
+            state = read_universal(folder)
+            done = load_universal(self.engine, state, names)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise TrainingError(f"could not convert checkpoint {folder} to this job's shape: "
+                                f"{type(e).__name__}: {e}") from e
+        rng = folder / f"rng-rank{self.rank}.pt"
+        if not rng.is_file():
+            rng = folder / "rng-rank0.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        ts = read_train_state(folder)
+        return {"step": ts.get("step"), "train_state": ts,
+                "converted": f"{', '.join(done)} from {describe(state.shape)}"}
+
+
 def rng_state() -> dict:
     import random
 

@@ -440,10 +440,21 @@ def finalize_ds_config(ds_cfg: dict, plan: dict) -> dict:
 # Resume: what a checkpoint's train_state.json records, and what must match to continue it
 # ------------------------------------------------------------------------------------------
 
-MUST_MATCH = ("preset", "embedding", "tp", "pp", "vocab_size", "seq_length", "data_digest",
-              "dp", "zero_stage")
+MUST_MATCH = ("preset", "embedding", "vocab_size", "seq_length", "data_digest")
 MAY_DIFFER = ("seed", "global_batch", "steps")
-SHAPE = ("dp", "zero_stage", "pp")
+SHAPE = ("tp", "pp", "dp", "zero_stage")     # may change: --resume converts (launch/reshard.py)
+LAYOUT_ONLY = ("params_dtype", "sequence_parallel", "recompute")   # model fields that may too
+
+
+def shape_changed(old: dict, now: dict) -> list[str]:
+    """What differs between a checkpoint's job shape and this run's (empty: DeepSpeed's own
+    loader resumes it, bitwise); precision counts, DeepSpeed's files differ with it."""
+    diffs = [f"{k} {old[k]} -> {now[k]}" for k in SHAPE if k in old and k in now and old[k] != now[k]]
+    om, nm = old.get("model_config") or {}, now.get("model_config") or {}
+    if om.get("params_dtype") and nm.get("params_dtype") and om["params_dtype"] != nm["params_dtype"]:
+        diffs.append(f"params {om['params_dtype'].removeprefix('torch.')} -> "
+                     f"{nm['params_dtype'].removeprefix('torch.')}")
+    return diffs
 
 
 def run_record(args, plan: dict, gcfg, zero_stage: int, prepared=None) -> dict:
@@ -476,13 +487,10 @@ def check_resume(old: dict, now: dict, where) -> list[str]:
     om, nm = old.get("model_config") or {}, now.get("model_config") or {}
     diffs += [f"model {k} {om[k]!r} (this run: {nm[k]!r})" for k in sorted(nm)
               if k in om and om[k] != nm[k] and k not in ("init_seed", "embedding")
-              and k not in MUST_MATCH]
+              and k not in MUST_MATCH and k not in LAYOUT_ONLY]
     if diffs:
-        shape = any(k in old and k in now and old[k] != now[k] for k in SHAPE)
         raise ConfigError(
             f"cannot resume from {where}: it was saved with {', '.join(diffs)}; resume with the "
-            "checkpoint's settings or start a new --save folder"
-            + ("; changing the data-parallel size or ZeRO stage of a run is not supported yet"
-               if shape else ""))
+            "checkpoint's settings or start a new --save folder")
     return [f"resuming with {k} = {now[k]!r} (checkpoint: {old[k]!r}): the run will not match "
             "an uninterrupted one" for k in MAY_DIFFER if k in old and k in now and old[k] != now[k]]

@@ -51,7 +51,8 @@ from launch.metrics import CSV_FIELDS, Metrics  # noqa: E402,F401
 from launch.settings import (WARMUP_SCHEDULERS, build_parser, check_resume,  # noqa: E402,F401
                              check_with_deepspeed,
                              default_ds_config, finalize_ds_config, load_ds_config, model_config,
-                             parse_args, resolve_batch, run_record, validate, world_from_env)
+                             parse_args, resolve_batch, run_record, shape_changed, validate,
+                             world_from_env)
 
 
 def _log(msg: str, rank: int) -> None:
@@ -320,7 +321,13 @@ class Trainer:
         start = 0
         if folder is not None:
             loader = Checkpointer(folder.parent, self.engine, self.rank, self.world, self.dist)
-            client = loader.load(folder, set_rng_state)
+            changed = shape_changed(read_train_state(folder), self.record)
+            if changed or os.environ.get("EMBER_RESHARD") == "always":
+                client = loader.load_resharded(folder, set_rng_state, self.gpt_names())
+                _log(f"converted {folder.name} to this job's shape ({', '.join(changed) or 'forced'}): "
+                     f"{client['converted']}", self.rank)
+            else:
+                client = loader.load(folder, set_rng_state)
             if "step" not in client:
                 raise ConfigError(f"checkpoint {folder} has no training step (not written by "
                                   "launch/train.py)")
@@ -380,8 +387,27 @@ class Trainer:
     def save(self, step: int, train_loss: float, val_loss: float) -> None:
         state = dict(self.record, step=step, tokens=step * self.plan["tokens_per_step"],
                      train_loss=train_loss, val_loss=val_loss, time=time.time())
-        self.ckpt.save(step, client_state={"step": step, "train_state": state},
+        self.ckpt.save(step, client_state={"step": step, "train_state": state,
+                                           "param_names": self.optimizer_param_names()},
                        train_state=state, rng_state=rng_state)
+
+    def gpt_names(self):
+        """Live parameter name -> GPT name (pipeline modules number their layers)."""
+        if self.pp == 1:
+            return lambda n: n
+        from models.pipeline import gpt_name
+        layers = self.gcfg.num_layers
+        return lambda n: gpt_name(n, layers)
+
+    def optimizer_param_names(self) -> Optional[list]:
+        """GPT names of the optimizer's parameters, group by group: what a checkpoint without
+        ZeRO needs to be resumed at another shape (ZeRO's files name their own)."""
+        if self.zero_stage != 0:
+            return None
+        names = self.gpt_names()
+        name_of = {id(p): names(n) for n, p in self.engine.module.named_parameters()}
+        groups = getattr(self.engine.optimizer, "param_groups", [])
+        return [[name_of.get(id(p), "") for p in g["params"]] for g in groups]
 
     def train(self, start: int) -> dict:
         args, plan, rank = self.args, self.plan, self.rank
