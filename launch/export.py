@@ -11,7 +11,9 @@ gate/up_proj, and a Leviathan generator is materialised into the dense V x D tab
 (the same logits; the generator itself is not a transformers module). The vocabulary padding is
 dropped. The tokenizer train.py keeps in the --save folder (or ``--tokenizer``) is copied beside
 the weights (``tokenizer.model`` for SentencePiece, ``tokenizer.json`` for a Hugging Face one);
-launch/generate.py reads it from there.
+launch/generate.py reads it from there. A SentencePiece model is also written as a Hugging Face
+fast tokenizer (tokenizer.json + tokenizer_config.json, launch/hf_tokenizer.py) with the same ids,
+so ``AutoTokenizer.from_pretrained(out)`` works offline too.
 """
 from __future__ import annotations
 
@@ -85,11 +87,29 @@ def export(checkpoint, out, tokenizer=None) -> Path:
         print("[export] no tokenizer found next to the checkpoint: weights only "
               "(give --tokenizer)")
     if tok is not None:
-        shutil.copyfile(tok, out / tok.name)
-        eod = tok.parent / "eod_token.txt"
-        if eod.is_file():
-            shutil.copyfile(eod, out / eod.name)
+        export_tokenizer(tok, out, model.cfg.seq_length)
     return out
+
+
+def export_tokenizer(tok, out, model_max_length=None) -> None:
+    """Put the tokenizer file ``tok`` into the export folder ``out`` under its canonical name: a
+    Hugging Face tokenizer.json as is (with eod_token.txt when there is one); a SentencePiece
+    model as tokenizer.model and, converted by launch/hf_tokenizer.py, as tokenizer.json +
+    tokenizer_config.json + special_tokens_map.json that AutoTokenizer loads (same ids)."""
+    from launch.hf_tokenizer import UnsupportedModel, save_hf_tokenizer
+    tok, out = Path(tok), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.suffix == ".model":
+        shutil.copyfile(tok, out / "tokenizer.model")
+        try:
+            save_hf_tokenizer(out / "tokenizer.model", out, model_max_length)
+        except UnsupportedModel as e:
+            print(f"[export] tokenizer.model only: not converted for AutoTokenizer ({e})")
+        return
+    shutil.copyfile(tok, out / ("tokenizer.json" if tok.suffix == ".json" else tok.name))
+    eod = tok.parent / "eod_token.txt"
+    if eod.is_file():
+        shutil.copyfile(eod, out / eod.name)
 
 
 def main(argv=None) -> int:

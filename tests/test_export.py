@@ -82,13 +82,24 @@ def test_export_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: not a checkpoint")
 
 
-def test_generate_from_a_checkpoint_and_its_export(checkpoints, tmp_path):
+def test_generate_from_a_checkpoint_and_its_export(checkpoints, tmp_path, monkeypatch):
     """Greedy decoding from the checkpoint (tokenizer found in its --save folder) and from its
-    export give the same text; sampling is seeded."""
+    export give the same text; sampling is seeded. The export's tokenizer also loads with
+    AutoTokenizer and gives the SentencePiece ids (tests/test_hf_tokenizer.py tests more)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
     from launch.export import export
     from launch.generate import generate
     out = export(checkpoints[2], tmp_path / "hf")
     assert (out / "tokenizer.model").is_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    text = "In the  beginning God ﬁnally said: «Ｌｅｔ there be light» 日本 🙂\tcafé\n"
+    assert hf_tok(text)["input_ids"] == sp.encode(text) and sp.unk_id() in sp.encode(text)
+    assert hf_tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    assert hf_tok.model_max_length == 32 and hf_tok.eos_token_id == sp.eos_id()
     greedy = [generate(p, "In the beginning", max_new_tokens=12, temperature=0)
               for p in (checkpoints[2], out)]
     assert greedy[0] == greedy[1] and greedy[0].startswith("In the beginning")
