@@ -61,7 +61,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ember_ds", "ember_ds.*", "models", "models.*",
                                     "launch", "launch.*"]),
-    package_data={"launch": ["corpus/*", "*.sh", "multinode/*"]},
+    package_data={"launch": ["corpus/*", "*.sh", "multinode/*"], "ember_ds": ["csrc/*.cpp"]},
     cmdclass=CMDCLASS,
     install_requires=[
         "torch>=2.4,<2.14",

@@ -7,11 +7,15 @@ and W and writes W: W <- W*decay - lr*G / (a_i*b_j + eps), where a_i*b_j = sqrt(
 because vhat is rank-1. Work goes in row chunks so no fp32 temporary larger than 1/16 of the
 piece (at least ``MIN_CHUNK_ELEMS``, at most ``CHUNK_ELEMS``, and one row) is ever built, and every reduction is a contiguous
 torch reduction in a fixed order, so runs are bitwise reproducible. On CUDA the fused Triton
-kernels in ``ember_ds.triton_kernels`` do the same without temporaries.
+kernels in ``ember_ds.triton_kernels`` do the same without temporaries; on CPU the fused C++
+loops of ``ember_ds.cpu_fused`` (one sweep per pass, OpenMP over rows) replace the chunked torch
+ops when that library builds (``EMBER_DS_CPU_FUSED=0``: this torch path).
 """
 from __future__ import annotations
 
 import torch
+
+from . import cpu_fused
 
 CHUNK_ELEMS = 1 << 20      # at most 4 MiB of fp32 temporaries per chunk
 MIN_CHUNK_ELEMS = 1 << 16  # small tables: few chunks (per-op overhead), 256 KiB at most
@@ -36,6 +40,8 @@ def piece_stats(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor,
     when any |g| > 0, which a sum of squares cannot tell once g*g underflows."""
     if g.numel() == 0:
         return
+    if cpu_fused.use_for_stats(g, rowsum, colsum, rownz):
+        return cpu_fused.piece_stats(g, rowsum, colsum, rownz)
     if rownz is not None:
         step = _chunk_rows(*g.shape)
         for r0 in range(0, g.shape[0], step):
@@ -68,6 +74,8 @@ def piece_update(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Ten
     if w.dtype == torch.float64:  # float64 tables are updated in float64, never rounded
         _update_float64(w, g, a, b, lr, eps, decay)
         return
+    if cpu_fused.use_for_update(w, g, a, b):
+        return cpu_fused.piece_update(w, g, a, b, lr, eps, decay)
     if _use_triton(g):
         from .triton_kernels import piece_update_triton
         return piece_update_triton(w, g, a, b, lr, eps, decay)
