@@ -2,25 +2,31 @@
 
 For each table size V x D (fp32 weights by default) this times one optimizer step with a fixed
 dense gradient:
-  ember_math   Ember's per-table math for an unsharded table, exactly as the optimizer does it:
-               ember_ds.factored.piece_stats on the whole table into zero rowsum/colsum, the
-               r/c/s EMA with bias correction, ember_ds.factored.piece_update
-  ember        ember_ds.Ember([{"params": [w], "token_table": True}], lr=...).step()
-               (when ember_ds.Ember exists)
+  ember        ember_ds.Ember([{"params": [w], "token_table": True}], lr=...).step(), on CPU
+               with the fused C++ passes (ember_ds.cpu_fused) when they build
+  ember_torch  the same optimizer on the plain torch path (EMBER_DS_CPU_FUSED=0; CPU only)
   adamw        torch.optim.AdamW(lr=...)             (default implementation: foreach)
   adamw_fused  torch.optim.AdamW(lr=..., fused=True)
 
-and reports the median step time (candidates are timed in interleaved rounds, one step each,
-order rotated, so load from other processes hits all alike), Ember / AdamW ratios (of the
-medians, and the median of same-round ratios), optimizer state bytes (the actual state
-tensors: Ember's r, c, s; AdamW's exp_avg + exp_avg_sq) and the peak extra memory during one
-steady-state step (CUDA: max_memory_allocated minus the allocation before the step; CPU: the
-high-water mark of the allocation / free events torch.profiler records with
-profile_memory=True). Targets (from the issue): Ember's state is exactly 4*(V+D+1) bytes per
-table, its peak step transient is <= 1/8 of the table's fp32 size, and its step takes <= 0.7x
-AdamW's time on CPU (<= 0.6x fused AdamW's on GPU).
+with 1 thread and with every core (``--threads 1,all``), and reports the median step time
+(candidates are timed in interleaved rounds, one step each, order rotated, so load from other
+processes hits all alike), Ember / AdamW ratios (of the medians, and the median and spread of
+same-round ratios), optimizer state bytes (the actual state tensors: Ember's r, c, s; AdamW's
+exp_avg + exp_avg_sq) and the peak extra memory during one steady-state step (CUDA:
+max_memory_allocated minus the allocation before the step; CPU: the high-water mark of the
+allocation / free events torch.profiler records with profile_memory=True, plus the fused C++
+path's own column-partial scratch, which torch does not see). Targets (issue 13): Ember's state
+is exactly 4*(V+D+1) bytes per table, its peak step transient is <= 1/8 of the table's fp32
+size, and its step takes <= 0.7x fused AdamW's time on CPU (<= 0.6x on GPU).
 
-    python bench/bench_ember.py                       # 32000x512, 50304x768, largest that fits
+``--sweep`` adds how cost grows: step time of ember, ember_torch, adamw_fused and adamw over
+table sizes V*D from 2^20 to 2^27 (two orders of magnitude), the bytes each moves per step
+(Ember: reads G twice, reads and writes W: 4 V*D elements; AdamW: reads G, W, m, v and writes
+W, m, v: 7), hence its achieved bandwidth, against the machine's, measured in the same rounds
+by a plain tensor copy of the same size (reads and writes V*D: 2). JSON and a PNG plot.
+
+    python bench/bench_ember.py                       # 32000x512, 50304x768, 131072x1024; 1 and all threads
+    python bench/bench_ember.py --sweep               # ... and the size sweep (+ plot)
     python bench/bench_ember.py --sizes 32000x512,50304x768 --device cuda --out r.json
 """
 from __future__ import annotations
@@ -41,18 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ember_ds import factored  # noqa: E402
-
-try:
-    from ember_ds import Ember  # noqa: E402
-except ImportError:  # the optimizer class is not there yet: time the math only
-    Ember = None
+from ember_ds import Ember, cpu_fused, factored  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_SIZES = [(32000, 512), (50304, 768)]
-# candidates for "the largest that fits", biggest first
-LARGE_CANDIDATES = [(262144, 8192), (262144, 4096), (131072, 4096), (131072, 2048),
-                    (131072, 1024), (65536, 1024), (65536, 768)]
+DEFAULT_SIZES = [(32000, 512), (50304, 768), (131072, 1024)]
+# the sweep: V*D from 2^20 to 2^27
+SWEEP_SIZES = [(4096, 256), (8192, 512), (16384, 1024), (32768, 1024), (65536, 1024),
+               (131072, 1024)]
+# elements of V*D each step reads + writes (algorithmic, fp32 state): Ember reads G twice and
+# reads and writes W; AdamW reads G, W, m, v and writes W, m, v; a copy reads and writes once
+PASSES = {"ember": 4, "ember_torch": 4, "adamw": 7, "adamw_fused": 7, "copy": 2}
 LR, BETA2, EPS = 1e-3, 0.999, 1e-8
 
 
@@ -60,33 +64,6 @@ LR, BETA2, EPS = 1e-3, 0.999, 1e-8
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        import psutil
-        return int(psutil.virtual_memory().available)
-    except Exception:  # pragma: no cover
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def largest_fitting(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """Largest candidate that fits comfortably: weights + grad + two AdamW states (foreach and
-    fused, alive together: 4 fp32 tables) + foreach AdamW's table-sized temporaries + slack,
-    in at most half of the free memory (CPU: also keep a step to a few seconds on one core)."""
-    el = torch.empty(0, dtype=dtype).element_size()
-    budget = free_bytes(device) // 2
-    for V, D in LARGE_CANDIDATES:
-        n = V * D
-        if device.type == "cpu" and n > (1 << 27):  # 134M elements: ~1-3 s per CPU step
-            continue
-        need = n * (2 * el + 6 * 4) + (256 << 20)
-        if need <= budget:
-            return V, D
-    return LARGE_CANDIDATES[-1]
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -99,8 +76,19 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def all_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def parse_threads(text: str) -> list[int]:
+    return [all_cores() if t.strip() == "all" else int(t) for t in text.split(",") if t.strip()]
+
+
 def peak_extra_bytes(fn, device: torch.device) -> int:
-    """Peak memory allocated during ``fn()`` above what was allocated before it."""
+    """Peak memory torch allocates during ``fn()`` above what was allocated before it."""
     gc.collect()
     if device.type == "cuda":
         sync(device)
@@ -146,39 +134,27 @@ def time_interleaved(steps: dict, device: torch.device, warmup: int, min_reps: i
     return times
 
 
+def paired(times: dict, name: str, other: str) -> dict:
+    """Median and quartiles of the same-round ratios name / other."""
+    r = sorted(x / y for x, y in zip(times[name], times[other]))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return dict(median=statistics.median(r), q1=q[0], q3=q[2])
+
+
 # ----------------------------------------------------------------------------- candidates
-class EmberMath:
-    """Ember's table step for one unsharded table, as ember_ds.Ember does it (normalize=rows,
-    weight decay 0): stats pass, state EMA, update pass."""
-
-    def __init__(self, w: torch.Tensor, lr=LR, beta2=BETA2, eps=EPS, weight_decay=0.0):
-        V, D = w.shape
-        self.w, self.lr, self.b2, self.eps = w, lr, beta2, eps
-        self.decay = 1.0 - lr * weight_decay
-        dev = w.device
-        self.state = dict(r=torch.zeros(V, device=dev), c=torch.zeros(D, device=dev),
-                          s=torch.zeros(1, device=dev))
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self):
-        w, g = self.w, self.w.grad
-        V, D = w.shape
-        rowsum = torch.zeros(V, dtype=torch.float32, device=w.device)
-        colsum = torch.zeros(D, dtype=torch.float32, device=w.device)
-        factored.piece_stats(g, rowsum, colsum)
-        st, b2 = self.state, self.b2
-        self.t += 1
-        bc = 1.0 - b2 ** self.t
-        st["r"].mul_(b2).add_(rowsum, alpha=(1.0 - b2) / D)
-        st["c"].mul_(b2).add_(colsum / V, alpha=1.0 - b2)
-        st["s"].mul_(b2).add_(colsum.sum() / (V * D), alpha=1.0 - b2)
-        row_f = (st["r"] / (st["s"].clamp_min(1e-30) * bc)).sqrt_()
-        col_f = st["c"].sqrt()
-        factored.piece_update(w.data, g, row_f, col_f, self.lr, self.eps, self.decay)
-
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state.values())
+def on_torch_path(step):
+    """``step`` with the fused CPU passes switched off (EMBER_DS_CPU_FUSED=0 while it runs)."""
+    def run():
+        old = os.environ.get(cpu_fused.ENV)
+        os.environ[cpu_fused.ENV] = "0"
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ[cpu_fused.ENV]
+            else:
+                os.environ[cpu_fused.ENV] = old
+    return run
 
 
 def ember_state_bytes(opt) -> int:
@@ -197,63 +173,76 @@ def adam_state_bytes(opt) -> int:
     return total
 
 
-def make_candidates(w: torch.Tensor, include_ember_opt: bool) -> dict:
-    """name -> (step fn, state-bytes fn). All share ``w`` and its gradient (the weights drift
-    under four optimizers at once, which does not change the work a step does)."""
+def fused_cpu(w: torch.Tensor) -> bool:
+    """Whether Ember steps ``w`` with the fused C++ passes."""
+    return w.device.type == "cpu" and cpu_fused.use_for_update(w, w, w[0], w[0])
+
+
+def make_candidates(w: torch.Tensor, names=("ember", "ember_torch", "adamw", "adamw_fused")):
+    """name -> (step fn, state-bytes fn, scratch bytes torch does not see). All share ``w`` and
+    its gradient (the weights drift under several optimizers at once, which does not change the
+    work a step does)."""
     out = {}
-    m = EmberMath(w)
-    out["ember_math"] = (m.step, m.state_bytes)
-    if include_ember_opt and Ember is not None:
-        opt = Ember([{"params": [w], "token_table": True}], lr=LR, beta2=BETA2, eps=EPS)
-        out["ember"] = (opt.step, lambda: ember_state_bytes(opt))
-    a = torch.optim.AdamW([w], lr=LR)
-    out["adamw"] = (a.step, lambda: adam_state_bytes(a))
-    f = torch.optim.AdamW([w], lr=LR, fused=True)
-    out["adamw_fused"] = (f.step, lambda: adam_state_bytes(f))
+    V, D = w.shape
+    scratch = cpu_fused.scratch_bytes(V, D) if fused_cpu(w) else 0
+    for name in names:
+        if name in ("ember", "ember_torch"):
+            if name == "ember_torch" and w.device.type != "cpu":
+                continue
+            opt = Ember([{"params": [w], "token_table": True}], lr=LR, beta2=BETA2, eps=EPS)
+            step = opt.step if name == "ember" else on_torch_path(opt.step)
+            out[name] = (step, (lambda o=opt: ember_state_bytes(o)),
+                         scratch if name == "ember" else 0)
+        elif name in ("adamw", "adamw_fused"):
+            a = torch.optim.AdamW([w], lr=LR, fused=name == "adamw_fused")
+            out[name] = (a.step, (lambda o=a: adam_state_bytes(o)), 0)
+        elif name == "copy":
+            buf = torch.empty_like(w.grad)
+            out[name] = ((lambda b=buf: b.copy_(w.grad)), (lambda: 0), 0)
     return out
 
 
-# ----------------------------------------------------------------------------- main
-def bench_size(V: int, D: int, device: torch.device, dtype: torch.dtype, args) -> dict:
+# ----------------------------------------------------------------------------- main table
+def make_table(V: int, D: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Parameter:
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(V, D, device=device).mul_(0.02).to(dtype))
     w.grad = torch.randn(V, D, device=device).mul_(1e-3).to(dtype)
+    return w
+
+
+def bench_size(V: int, D: int, device: torch.device, dtype: torch.dtype, args) -> dict:
+    w = make_table(V, D, device, dtype)
     table_fp32 = 4 * V * D
     res = dict(V=V, D=D, dtype=str(dtype).replace("torch.", ""), table_fp32_bytes=table_fp32,
-               results={})
-    cands = make_candidates(w, not args.no_ember_opt)
+               threads=torch.get_num_threads(), ember_fused_cpu=fused_cpu(w), results={})
+    cands = make_candidates(w)
     times = time_interleaved({n: c[0] for n, c in cands.items()}, device, args.warmup,
                              args.min_reps, args.max_reps, args.seconds)
-    for name, (step, state_fn) in cands.items():
+    for name, (step, state_fn, scratch) in cands.items():
         ts = times[name]
-        peak = peak_extra_bytes(step, device) if not args.no_memory else None
+        peak = None if args.no_memory else peak_extra_bytes(step, device) + scratch
         r = dict(median_ms=1e3 * statistics.median(ts), min_ms=1e3 * min(ts), reps=len(ts),
                  state_bytes=int(state_fn()), peak_extra_bytes=peak)
         res["results"][name] = r
-        print(f"  {V}x{D} {name:12s} median {r['median_ms']:9.2f} ms  min {r['min_ms']:9.2f} ms"
-              f"  (n={len(ts)})", flush=True)
+        print(f"  {V}x{D} threads={res['threads']} {name:12s} median {r['median_ms']:9.2f} ms"
+              f"  min {r['min_ms']:9.2f} ms  (n={len(ts)})", flush=True)
     expected_state = 4 * (V + D + 1)
     rs = res["results"]
-    for name in ("ember", "ember_math"):
+    limit = 0.6 if device.type == "cuda" else 0.7
+    for name in ("ember", "ember_torch"):
         if name not in rs:
             continue
         e = rs[name]
         e["expected_state_bytes"] = expected_state
-        e["ratio_vs_adamw"] = e["median_ms"] / rs["adamw"]["median_ms"]
-        e["ratio_vs_adamw_fused"] = e["median_ms"] / rs["adamw_fused"]["median_ms"]
-        # same-round ratios (robust to load that changes over time); medians of them
         for other in ("adamw", "adamw_fused"):
-            e[f"paired_ratio_vs_{other}"] = statistics.median(
-                x / y for x, y in zip(times[name], times[other]))
-        if device.type == "cuda":
-            time_ok = e["ratio_vs_adamw_fused"] <= 0.6
-        else:
-            time_ok = e["ratio_vs_adamw"] <= 0.7
+            e[f"ratio_vs_{other}"] = e["median_ms"] / rs[other]["median_ms"]
+            # same-round ratios (robust to load that changes over time), with their spread
+            e[f"paired_ratio_vs_{other}"] = paired(times, name, other)
         e["targets"] = dict(
             state_exact=e["state_bytes"] == expected_state,
             peak_le_eighth=None if e["peak_extra_bytes"] is None
             else e["peak_extra_bytes"] <= table_fp32 / 8,
-            time=time_ok)
+            time=e["paired_ratio_vs_adamw_fused"]["median"] <= limit)
     del w, cands, times
     gc.collect()
     if device.type == "cuda":
@@ -272,39 +261,114 @@ def fmt_bytes(n) -> str:
 
 
 def print_table(rows: list[dict], device: torch.device) -> str:
-    target = "<=0.6x fused" if device.type == "cuda" else "<=0.7x AdamW"
-    head = (f"{'table':>12} {'optimizer':>12} {'median ms':>10} {'min ms':>9} {'/AdamW':>7} "
-            f"{'/fused':>7} {'pair/A':>7} {'pair/F':>7} "
-            f"{'state':>11} {'peak extra':>11} {'peak/table':>10}  targets(state, peak<=1/8, "
-            f"time {target})")
+    target = "<=0.6x fused" if device.type == "cuda" else "<=0.7x fused"
+    head = (f"{'table':>12} {'thr':>3} {'optimizer':>12} {'median ms':>10} {'min ms':>9} "
+            f"{'/AdamW':>7} {'/fused':>7} {'pair/F [q1, q3]':>19} {'state':>11} "
+            f"{'peak extra':>11} {'peak/table':>10}  targets(state, peak<=1/8, time {target})")
     lines = [head, "-" * len(head)]
     for res in rows:
         for name, r in res["results"].items():
             ratio_a = f"{r['ratio_vs_adamw']:.2f}" if "ratio_vs_adamw" in r else ""
             ratio_f = f"{r['ratio_vs_adamw_fused']:.2f}" if "ratio_vs_adamw_fused" in r else ""
-            pair_a = f"{r['paired_ratio_vs_adamw']:.2f}" if "paired_ratio_vs_adamw" in r else ""
-            pair_f = (f"{r['paired_ratio_vs_adamw_fused']:.2f}"
-                      if "paired_ratio_vs_adamw_fused" in r else "")
+            pf = r.get("paired_ratio_vs_adamw_fused")
+            pair_f = f"{pf['median']:.2f} [{pf['q1']:.2f}, {pf['q3']:.2f}]" if pf else ""
             pk = r["peak_extra_bytes"]
             frac = "-" if pk is None else f"{pk / res['table_fp32_bytes']:.4f}"
             tg = ""
             if "targets" in r:
                 tg = "  " + " ".join("ok" if v else ("-" if v is None else "MISS")
                                      for v in r["targets"].values())
-            lines.append(f"{str(res['V']) + 'x' + str(res['D']):>12} {name:>12} "
-                         f"{r['median_ms']:10.2f} {r['min_ms']:9.2f} {ratio_a:>7} {ratio_f:>7} "
-                         f"{pair_a:>7} {pair_f:>7} "
-                         f"{fmt_bytes(r['state_bytes']):>11} {fmt_bytes(pk):>11} {frac:>10}{tg}")
+            lines.append(f"{str(res['V']) + 'x' + str(res['D']):>12} {res['threads']:>3} "
+                         f"{name:>12} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {ratio_a:>7} "
+                         f"{ratio_f:>7} {pair_f:>19} {fmt_bytes(r['state_bytes']):>11} "
+                         f"{fmt_bytes(pk):>11} {frac:>10}{tg}")
     text = "\n".join(lines)
     print(text)
     return text
 
 
+# ----------------------------------------------------------------------------- sweep
+def sweep(sizes, device: torch.device, dtype: torch.dtype, args) -> list[dict]:
+    """Step time and bytes moved per second of each candidate and of a plain copy, per size."""
+    out = []
+    el = torch.empty(0, dtype=dtype).element_size()
+    names = ("ember", "ember_torch", "adamw_fused", "adamw", "copy")
+    for V, D in sizes:
+        w = make_table(V, D, device, dtype)
+        cands = make_candidates(w, names)
+        times = time_interleaved({n: c[0] for n, c in cands.items()}, device, 1,
+                                 args.min_reps, args.max_reps, args.sweep_seconds)
+        row = dict(V=V, D=D, elements=V * D, threads=torch.get_num_threads(), results={})
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            # bytes: the table and its gradient in ``dtype``, Adam's m and v in fp32
+            nbytes = V * D * (3 * el + 4 * 4 if name.startswith("adamw") else PASSES[name] * el)
+            row["results"][name] = dict(median_ms=1e3 * med, reps=len(ts), bytes=nbytes,
+                                        gbytes_per_s=nbytes / med / 1e9)
+        copy_bw = row["results"]["copy"]["gbytes_per_s"]
+        for name in names:
+            row["results"][name]["fraction_of_copy_bandwidth"] = \
+                row["results"][name]["gbytes_per_s"] / copy_bw
+        row["ember_vs_adamw_fused"] = paired(times, "ember", "adamw_fused")
+        out.append(row)
+        r = row["results"]
+        print(f"  sweep {V}x{D} ({V * D / 2**20:.0f}M) threads={row['threads']}: " + "  ".join(
+            f"{n} {r[n]['median_ms']:.2f} ms {r[n]['gbytes_per_s']:.1f} GB/s" for n in names),
+            flush=True)
+        del w, cands, times
+        gc.collect()
+    return out
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = [r["elements"] for r in rows]
+    for name in ("ember", "ember_torch", "adamw_fused", "adamw", "copy"):
+        ms = [r["results"][name]["median_ms"] for r in rows]
+        bw = [r["results"][name]["gbytes_per_s"] for r in rows]
+        style = "--" if name == "copy" else "-"
+        ax1.plot(x, ms, style, marker="o", label=name)
+        ax2.plot(x, bw, style, marker="o", label=name)
+    ax1.set(xscale="log", yscale="log", xlabel="table size V*D (elements)",
+            ylabel="step time (ms)", title="step time")
+    ax2.set(xscale="log", xlabel="table size V*D (elements)",
+            ylabel="bytes moved per second (GB/s)",
+            title="achieved bandwidth (algorithmic bytes / step time)")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_meta(device: torch.device) -> dict:
+    name = device.type
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f
+                             if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    return dict(device=name, cores=all_cores(), torch=torch.__version__,
+                python=platform.python_version(), machine=platform.machine(),
+                loadavg_start=list(os.getloadavg()), time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                ember_cpu_path=cpu_fused.describe() if device.type == "cpu" else "triton")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=parse_sizes, default=None,
-                   help="comma-separated VxD list (default: 32000x512,50304x768 and the "
-                        "largest candidate that fits)")
+                   help="comma-separated VxD list (default: 32000x512,50304x768,131072x1024)")
+    p.add_argument("--threads", default="1,all",
+                   help="CPU thread counts to run every size with (default 1,all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="weight and gradient dtype (state is fp32 regardless)")
@@ -315,34 +379,54 @@ def main(argv=None) -> int:
                    help="time rounds (one step of every candidate, order rotated) until "
                         "this many seconds per candidate have passed, or --max-reps rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
-    p.add_argument("--no-ember-opt", action="store_true",
-                   help="time only the math, not the ember_ds.Ember optimizer")
+    p.add_argument("--sweep", action="store_true", help="also the size sweep (JSON + PNG)")
+    p.add_argument("--sweep-only", action="store_true", help="only the size sweep")
+    p.add_argument("--sweep-sizes", type=parse_sizes, default=SWEEP_SIZES)
+    p.add_argument("--sweep-threads", default="all")
+    p.add_argument("--sweep-seconds", type=float, default=1.0)
     p.add_argument("--out", default=None,
-                   help="JSON path (default bench/results/ember_<device>.json)")
+                   help="JSON path (default bench/results/ember_<device>.json; the sweep "
+                        "writes ember_sweep_<device>.json and .png beside it)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    sizes = args.sizes or DEFAULT_SIZES + [largest_fitting(device, dtype)]
-    print(f"device={device} dtype={args.dtype} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()} sizes={sizes} "
-          f"triton_path={device.type == 'cuda' and factored._use_triton(torch.empty(0, device=device))}",
-          flush=True)
-    rows = [bench_size(V, D, device, dtype, args) for V, D in sizes]
-    text = print_table(rows, device)
-
-    dev_name = device.type
-    if device.type == "cuda":
-        dev_name = torch.cuda.get_device_name(device).replace(" ", "_")
+    sizes = args.sizes or DEFAULT_SIZES
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"ember_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=dev_name, torch=torch.__version__, threads=torch.get_num_threads(),
-                python=platform.python_version(), machine=platform.machine(),
-                processor=platform.processor(), dtype=args.dtype, lr=LR, beta2=BETA2, eps=EPS,
-                ember_optimizer=Ember is not None and not args.no_ember_opt,
-                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    out.write_text(json.dumps(dict(meta=meta, sizes=rows, table=text), indent=2) + "\n")
-    print(f"wrote {out}")
+    meta = machine_meta(device)
+    meta.update(dtype=args.dtype, lr=LR, beta2=BETA2, eps=EPS)
+    threads = parse_threads(args.threads) if device.type == "cpu" else [torch.get_num_threads()]
+    print(f"device={meta['device']} dtype={args.dtype} torch={torch.__version__} "
+          f"threads={threads} sizes={sizes} load={meta['loadavg_start']}\n"
+          f"{meta['ember_cpu_path']}", flush=True)
+    saved = torch.get_num_threads()
+    try:
+        if not args.sweep_only:
+            rows = []
+            for n in threads:
+                torch.set_num_threads(n)
+                rows += [bench_size(V, D, device, dtype, args) for V, D in sizes]
+            text = print_table(rows, device)
+            meta["loadavg_end"] = list(os.getloadavg())
+            out.write_text(json.dumps(dict(meta=meta, sizes=rows, table=text), indent=2) + "\n")
+            print(f"wrote {out}")
+        if args.sweep or args.sweep_only:
+            result = []
+            for n in (parse_threads(args.sweep_threads) if device.type == "cpu"
+                      else [torch.get_num_threads()]):
+                torch.set_num_threads(n)
+                result += sweep(args.sweep_sizes, device, dtype, args)
+            smeta = dict(meta, loadavg_end=list(os.getloadavg()), passes=PASSES)
+            sout = out.with_name(out.name.replace("ember_", "ember_sweep_", 1))
+            sout.write_text(json.dumps(dict(meta=smeta, sweep=result), indent=2) + "\n")
+            plot_sweep(result, sout.with_suffix(".png"),
+                       f"Ember vs AdamW table step, {args.dtype}, {meta['device']}, "
+                       f"{sorted({r['threads'] for r in result})} thread(s), {meta['time']}, "
+                       f"load {meta['loadavg_start'][0]:.1f}")
+            print(f"wrote {sout} and {sout.with_suffix('.png')}")
+    finally:
+        torch.set_num_threads(saved)
     return 0
 
 

@@ -210,6 +210,16 @@ def use_for_update(w, g, a, b) -> bool:
     return lib is not None and (torch.float16 not in (w.dtype, g.dtype) or lib.has_f16)
 
 
+def scratch_bytes(rows: int, cols: int) -> int:
+    """Bytes the fused statistics pass allocates for a [rows, cols] piece (its column partial
+    sums: one row of cols floats per row block, at most 256 blocks; the update allocates
+    nothing). Mirrors ``stats`` in csrc/ember_cpu.cpp."""
+    n = rows * cols
+    nblk = max(1, min(n // (1 << 16), 256, rows))
+    per = -(-rows // nblk)
+    return 4 * cols * -(-rows // per)
+
+
 def _ld(t: torch.Tensor) -> int:
     return t.stride(0)  # the row stride, in elements (unused for a single row)
 
@@ -238,4 +248,4 @@ def piece_update(w, g, a, b, lr: float, eps: float, decay: float) -> None:
 
 
 __all__ = ["ENV", "available", "build", "describe", "enabled", "piece_stats", "piece_update",
-           "use_for_stats", "use_for_update"]
+           "scratch_bytes", "use_for_stats", "use_for_update"]

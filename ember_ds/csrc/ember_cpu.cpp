@@ -206,19 +206,14 @@ void stats(const void* gp, int64_t rows, int64_t cols, int64_t ldg, float* rowsu
     const int64_t r1 = (b + 1) * per < rows ? (b + 1) * per : rows;
     block_stats<DG>(g, b * per, r1, cols, ldg, rowsum, cp, rownz);
   }
-  // column sums: the block partials in block order, then added to colsum (as colsum += q.sum(0))
-  const int ntc = threads_for(nblk * cols, nthreads);
-#pragma omp parallel for schedule(static) num_threads(ntc) if (ntc > 1)
-  for (int64_t j0 = 0; j0 < cols; j0 += 256) {
-    const int64_t j1 = j0 + 256 < cols ? j0 + 256 : cols;
-    float acc[256];
-    for (int64_t j = j0; j < j1; ++j) acc[j - j0] = part[j];
-    for (int64_t b = 1; b < nblk; ++b) {
-      const float* cp = part.get() + b * cols;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += cp[j];
-    }
-    for (int64_t j = j0; j < j1; ++j) colsum[j] += acc[j - j0];
+  // column sums: the block partials in block order, then added to colsum (as colsum += q.sum(0));
+  // on the calling thread (at most 256 x cols adds: one parallel region fewer to join)
+  float* acc = part.get();
+  for (int64_t b = 1; b < nblk; ++b) {
+    const float* cp = part.get() + b * cols;
+    for (int64_t j = 0; j < cols; ++j) acc[j] += cp[j];
   }
+  for (int64_t j = 0; j < cols; ++j) colsum[j] += acc[j];
 }
 
 // w <- w*decay - lr*g/(a_i*b_j + eps), in fp32, rounded once to w's dtype; the fp32 operations
