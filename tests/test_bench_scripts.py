@@ -1,0 +1,58 @@
+"""The CPU side of bench/gpu_check.sh (the script a session lent a GPU runs as is): argument
+handling, the refusal without a GPU, and a dry run's result files (one step on CPU, tiny)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_arguments():
+    assert _run("--help").returncode == 0
+    bad = _run("--bogus")
+    assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+    assert "--dry-run" in bad.stderr                       # the usage follows
+    step = _run("--dry-run", "--only", "ember,nope")
+    assert step.returncode == 2 and "unknown step 'nope'" in step.stderr
+    assert _run("--out").returncode == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_refuses_without_a_gpu():
+    proc = _run()
+    assert proc.returncode == 3 and "--dry-run" in proc.stderr, proc.stderr
+
+
+def test_dry_run_writes_json_and_markdown(tmp_path):
+    proc = _run("--dry-run", "--only", "ember", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    base = tmp_path / f"gpu_check_cpu_dry_run_{date}"
+    result = json.loads(Path(str(base) + ".json").read_text())
+    assert result["device"] == "cpu (dry run)" and result["date"] == date and result["dry_run"]
+    steps = result["steps"]
+    assert list(steps) == ["triton_ember", "triton_leviathan", "ember", "leviathan", "peers",
+                           "quickstart"]
+    assert steps["ember"]["status"] == "ok"
+    assert all(s["status"] == "not selected" for k, s in steps.items() if k != "ember")
+    rows = result["figures"]["ember_vs_fused_adamw"]
+    assert [r["table"] for r in rows] == ["512x64", "1000x96"]
+    assert all(r["ember_ms"] > 0 and r["target"] == 0.7 for r in rows)
+    run = Path(result["run_folder"])
+    assert (run / "ember.json").is_file() and (run / "ember.log").is_file()
+    md = Path(str(base) + ".md").read_text()
+    assert md.startswith(f"# GPU check: cpu (dry run), {date}")
+    assert "| ember | ok |" in md and "Ember vs fused AdamW" in md
