@@ -12,7 +12,7 @@ recipe are swept, and a second, larger vocabulary puts the tables at most of the
                 basis as in the public re-implementation, 32 knots, the spec-default generator
                 size, isoparametric depth); the large vocabulary's tuned arms with more seeds;
   4. Leviathan's best variant with more seeds, and at the large vocabulary;
-  5. a longer run (long_factor x steps) of the tuned dense table and the best Leviathan variant;
+  5. longer runs (long_factor x steps): the tuned dense arms and the best Leviathan variant;
   6. Adafactor swept and seeded at the large vocabulary too (last: what time allows).
 
 Selection uses the TUNING split (the first half of the held-out documents' windows), the reported
@@ -534,6 +534,10 @@ def plan(run: Runner, report) -> dict:
     T = sc["steps"] * sc["long_factor"]
     long = [dense("adamw", V, head_lr, steps=T), lev(V, head_lr, variant=bv, steps=T, **g)]
     pair(f"{bv}, {T} steps", V, long[1:], long[:1])
+    long += [dense(t, V, lr, steps=T) for t, lr in tuned.items() if lr and t != "adamw"]
+    for t, lr in tuned.items():     # the tuned dense arms trained longer (at the lr tuned short)
+        if lr:
+            arm(f"dense+{t}, {T} steps", V, [dense(t, V, lr, steps=T)])
     run.ensure(long)
     report(ch)
     if run.stopped or not V2 or not tuned.get("adafactor"):
