@@ -13,7 +13,8 @@ recipe are swept, and a second, larger vocabulary puts the tables at most of the
                 size, isoparametric depth); the large vocabulary's tuned arms with more seeds;
   4. Leviathan's best variant with more seeds, and at the large vocabulary;
   5. longer runs (long_factor x steps): the tuned dense arms and the best Leviathan variant;
-  6. Adafactor swept and seeded at the large vocabulary too (last: what time allows).
+  6. Adafactor swept and seeded at the large vocabulary too;
+  7. Ember's beta2 (0.999 by default) swept with its lr; a winner gets seeds (what time allows).
 
 Selection uses the TUNING split (the first half of the held-out documents' windows), the reported
 numbers the TEST split (the second half), so no reported number picked its own lr. Leviathan's
@@ -65,19 +66,19 @@ SCALES = {
                   large_vocab=512, eval_every=3, curve_windows=4, eval_windows=8, seeds=2,
                   table_grid=[1e-2, 3e-2], max_widen=1, large_span=0, gen_lrs=[3e-3],
                   gen_wds=[0.0, 0.1], variants=["reimpl", "iso"], long_factor=2, jobs=1,
-                  run_timeout=600, stage_plots=False),
+                  run_timeout=600, stage_plots=False, ember_beta2=[0.95]),
     "cpu": dict(preset="tiny", layers=4, micro=8, seq=128, steps=250, body_lr=3e-3, vocab=4096,
                 large_vocab=16384, eval_every=50, curve_windows=32, eval_windows=0, seeds=3,
                 table_grid=[3e-3, 1e-2, 3e-2, 1e-1], max_widen=3, large_span=1,
                 gen_lrs=[3e-3, 1e-2, 3e-2], gen_wds=[0.0, 0.1],
                 variants=["reimpl", "knots32", "spec", "iso"], long_factor=3, jobs=2,
-                run_timeout=2400, stage_plots=True),
+                run_timeout=2400, stage_plots=True, ember_beta2=[0.95, 0.99]),
     "gpu": dict(preset="60m", layers=None, micro=32, seq=512, steps=2000, body_lr=1e-3,
                 vocab=32768, large_vocab=0, eval_every=200, curve_windows=64, eval_windows=512,
                 seeds=3, table_grid=[1e-3, 3e-3, 1e-2, 3e-2], max_widen=3, large_span=1,
                 gen_lrs=[1e-3, 3e-3, 1e-2], gen_wds=[0.0, 0.1],
                 variants=["reimpl", "knots32", "preset", "iso"], long_factor=2, jobs=1,
-                run_timeout=7200, stage_plots=True),
+                run_timeout=7200, stage_plots=True, ember_beta2=[0.95, 0.99]),
 }
 
 
@@ -158,12 +159,15 @@ def make_optimizers(model, spec: dict):
         groups += [dict(params=[p for p in gen if p.dim() >= 2], weight_decay=g_wd, lr=g_lr),
                    dict(params=[p for p in gen if p.dim() < 2], weight_decay=0.0, lr=g_lr)]
     body_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=body_lr, betas=BETAS)
-    lr, kind = spec["table_lr"], spec["tables"]
+    lr, kind, b2 = spec["table_lr"], spec["tables"], spec.get("table_beta2")
     if kind == "adamw":
-        tab = torch.optim.AdamW(tables, lr=lr, betas=BETAS, weight_decay=0.0)
+        tab = torch.optim.AdamW(tables, lr=lr, betas=(BETAS[0], b2 or BETAS[1]), weight_decay=0.0)
     elif kind == "ember":
-        tab = ember_ds.Ember([dict(params=tables, token_table=True)], lr=lr)
+        tab = ember_ds.Ember([dict(params=tables, token_table=True)], lr=lr,
+                             **({"beta2": b2} if b2 else {}))
     elif kind == "adafactor":
+        if b2:
+            raise ValueError("Adafactor's second-moment decay is its own schedule (1 - t^-0.8)")
         # the fair setting: a plain lr (relative step and parameter scaling off), no momentum
         # (factored second moment only, the same O(V + D) state as Ember), update clipping 1.0
         from transformers.optimization import Adafactor
@@ -306,6 +310,8 @@ def spec_key(spec: dict) -> str:
     if s["embedding"] == "leviathan":
         parts += [f"glr{s.get('gen_lr') or s['body_lr']:g}",
                   f"gwd{BODY_WD if s.get('gen_wd') is None else s['gen_wd']:g}"]
+    if s.get("table_beta2") is not None:
+        parts.append(f"b2{s['table_beta2']:g}")
     parts += [f"blr{s['body_lr']:g}", f"T{s['steps']}", f"s{s['seed']}"]
     return "_".join(parts)
 
@@ -326,7 +332,8 @@ class Runner:
 
     def spec(self, **kw) -> dict:
         s = dict(embedding="dense", tables="adamw", variant=None, iso=False, gen_lr=None,
-                 gen_wd=None, body_lr=self.scale["body_lr"], steps=self.scale["steps"], seed=0)
+                 gen_wd=None, body_lr=self.scale["body_lr"], steps=self.scale["steps"], seed=0,
+                 table_beta2=None)
         s.update(kw)
         s["key"] = spec_key(s)
         return s
@@ -553,6 +560,29 @@ def plan(run: Runner, report) -> dict:
     if lr and not run.stopped:
         arm("dense+adafactor", V2, [dense("adafactor", V2, lr, s) for s in seeds])
         run.ensure([dense("adafactor", V2, lr, s) for s in seeds[1:]])
+    report(ch)
+    if run.stopped or not tuned.get("ember") or not sc["ember_beta2"]:
+        return ch
+
+    # 7. Ember's one other knob: beta2 (default 0.999; AdamW on the tables runs at 0.95, and
+    # Adafactor's decay schedule 1 - t^-0.8 averages over ~t/5 steps), lr re-swept around its
+    # tuned value; a setting that wins on the tuning split gets the seeds of a tuned arm
+    stage("7: Ember's beta2")
+    fams = {f"ember b2={b:g}": (lambda lr, b=b: dense("ember", V, lr, table_beta2=b),
+                                [ladder(tuned["ember"], k) for k in (-1, 0, 1)])
+            for b in sc["ember_beta2"]}
+    res = run.sweeps(fams, sc["max_widen"])
+    ch["sweeps"][V].update(res)
+    best = min(((s["tune"][s["grid"].index(s["best_lr"])], n) for n, s in res.items()
+                if s["best_lr"] is not None), default=None)
+    default = run.loss(dense("ember", V, tuned["ember"]))
+    if best and default is not None and best[0] < default and not run.stopped:
+        b = float(best[1].split("=")[1])
+        lr = res[best[1]]["best_lr"]
+        ch["ember_beta2"] = dict(beta2=b, lr=lr)
+        arm(f"dense+ember, beta2 {b:g}", V, [dense("ember", V, lr, s, table_beta2=b)
+                                             for s in seeds])
+        run.ensure([dense("ember", V, lr, s, table_beta2=b) for s in seeds[1:]])
     report(ch)
     return ch
 

@@ -46,13 +46,15 @@ def test_study_smoke(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["settings"]["data"] == [str(corpus)]
     assert set(res["sweeps"]) == {"256", "320"}
-    assert set(res["sweeps"]["256"]) == set(res["sweeps"]["320"]) == {"adamw", "ember", "adafactor"}
+    assert set(res["sweeps"]["320"]) == {"adamw", "ember", "adafactor"}
+    assert set(res["sweeps"]["256"]) == {"adamw", "ember", "adafactor", "ember b2=0.95"}
     for s in res["sweeps"]["256"].values():
         assert len(s["grid"]) >= 2 and s["best_lr"] in s["grid"]
         assert s["best_lr"] == min((t, lr) for t, lr in zip(s["tune"], s["grid"]))[1]
     arms = {(a["name"], a["vocab"]): a for a in res["arms"]}
-    assert set(arms) == {(f"dense+{t}{x}", V) for t in ("adamw", "ember", "adafactor")
-                         for V, x in ((256, ""), (320, ""), (256, ", 12 steps"))}
+    beta2 = {("dense+ember, beta2 0.95", 256)} if res["choices"].get("ember_beta2") else set()
+    assert set(arms) == beta2 | {(f"dense+{t}{x}", V) for t in ("adamw", "ember", "adafactor")
+                                 for V, x in ((256, ""), (320, ""), (256, ", 12 steps"))}
     D = 128
     for (name, vocab), a in arms.items():
         V = 128 * -(-vocab // 128)         # the model pads the vocabulary to a multiple of 128
@@ -91,3 +93,5 @@ def test_spec_key_names_what_differs():
     lev = dict(base, embedding="leviathan", tables="adamw", variant="spec", iso=True,
                gen_lr=0.01, gen_wd=0.0)
     assert spec_key(lev) == "lev-spec-iso_adamw_V4096_tlr0.03_glr0.01_gwd0_blr0.003_T300_s1"
+    assert (spec_key(dict(base, table_beta2=0.95))
+            == "dense_ember_V4096_tlr0.03_b20.95_blr0.003_T300_s1")
