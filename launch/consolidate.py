@@ -1,15 +1,16 @@
-"""A checkpoint of launch/train.py, of any TP / PP shape, as one plain GPT (TP = 1, PP = 1).
+"""A checkpoint of launch/train.py, of any TP / PP / DP shape and ZeRO stage, as one plain GPT
+(TP = 1, PP = 1).
 
     from launch.consolidate import load_consolidated
     model, state = load_consolidated("ckpt")        # the --save folder, or one step folder
 
-The weights come from DeepSpeed's module files, which hold every TP rank's shard in full
-whatever the data-parallel size and ZeRO stage 0-2 (``mp_rank_XX_model_states.pt``; under
-pipeline parallelism ``layer_LL-model_XX-model_states.pt``); ZeRO-3 at TP = 1 goes through
-DeepSpeed's own zero_to_fp32 consolidation. Shards are joined along each parameter's
-tensor-parallel dimension as GPT's partition attributes say (stride, fused blocks), the
-vocabulary tables are cut to the real rows and padded for TP = 1. Nothing needs a process
-group of more than one rank. bf16 / fp16 weights come back as fp32.
+The weights are launch/reshard.py's shape-free ones (the fp32 masters from the optimizer
+partitions). ``shard_state_dicts`` is a second, independent reader of DeepSpeed's module files
+(every TP rank's low-precision shard in full, ``mp_rank_XX_model_states.pt``; under pipeline
+parallelism ``layer_LL-model_XX-model_states.pt``): what a checkpoint without ZeRO holds, and a
+check of the first. ``join`` puts TP shards together along each parameter's tensor-parallel
+dimension as GPT's partition attributes say (stride, fused blocks). Nothing needs a process
+group of more than one rank.
 """
 from __future__ import annotations
 
@@ -106,28 +107,25 @@ def join(shards: list, param) -> torch.Tensor:
 
 
 def load_consolidated(path):
-    """(GPT at TP = 1 holding the checkpoint's weights in fp32, its train_state dict)."""
+    """(GPT at TP = 1 holding the checkpoint's weights in fp32, its train_state dict). The
+    weights are launch/reshard.py's shape-free ones: the fp32 masters of any ZeRO stage, TP and
+    PP shape (bf16 runs lose nothing)."""
+    from launch.reshard import read_universal
     from models.gpt import GPT
     folder = checkpoint_folder(path)
     state = json.loads((folder / TRAIN_STATE).read_text())
     cfg = model_config(state)
     cfg.params_dtype = torch.float32
     model = GPT(cfg)
-    shards = shard_state_dicts(folder, state)
-    V = cfg.vocab_size
+    weights = read_universal(folder, optimizer=False).params
     full = {}
     for name, p in model.named_parameters():
-        missing = [i for i, s in enumerate(shards) if name not in s]
-        if missing:
-            raise ValueError(f"{folder}: parameter {name} missing from TP rank(s) {missing}")
-        t = join([s[name].float() for s in shards], p)
-        if name in ("embedding.weight", "lm_head.weight"):    # padding differs with TP
-            padded = torch.zeros_like(p, dtype=torch.float32)
-            padded[:V] = t[:V]
-            t = padded
+        t = weights[name]
+        if name in ("embedding.weight", "lm_head.weight"):    # the real rows, padded for TP 1
+            t = torch.cat([t, t.new_zeros(p.shape[0] - t.shape[0], *t.shape[1:])])
         if t.shape != p.shape:
-            raise ValueError(f"{folder}: parameter {name} joins to {tuple(t.shape)}, the model "
-                             f"has {tuple(p.shape)}")
+            raise ValueError(f"{folder}: parameter {name} is {tuple(t.shape)}, the model has "
+                             f"{tuple(p.shape)}")
         full[name] = t
     model.load_state_dict(full, strict=False)
     return model, state

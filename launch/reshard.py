@@ -90,8 +90,8 @@ def _coords(mp: int, tp: int) -> tuple[int, int]:
 class _Shards:
     """Per-TP-rank flattened pieces of every parameter and state key, joined at the end."""
 
-    def __init__(self, tp: int):
-        self.tp = tp
+    def __init__(self, tp: int, optimizer: bool = True):
+        self.tp, self.optimizer = tp, optimizer
         self.params = [defaultdict(list) for _ in range(tp)]
         self.optim = [defaultdict(lambda: defaultdict(list)) for _ in range(tp)]
         self.shapes = [{} for _ in range(tp)]
@@ -99,7 +99,7 @@ class _Shards:
 
     def add(self, t: int, name: str, piece, state: dict, frag):
         self.params[t][name].append(piece)
-        for key, v in state.items():
+        for key, v in (state.items() if self.optimizer else ()):
             if key == "step":
                 self.step[name] = v
             elif torch.is_tensor(v) and v.dim() == 1:
@@ -114,11 +114,11 @@ class _Shards:
         return value, state
 
 
-def _read_zero12(files: dict, shapes: dict, names, tp: int) -> _Shards:
+def _read_zero12(files: dict, shapes: dict, names, tp: int, optimizer: bool) -> _Shards:
     """ZeRO 1/2 (and DeepSpeed's bf16 optimizer): each data-parallel rank's file holds its flat
     fp32 partition of every group, the group's optimizer state over the same partition, and
     where each parameter's fragment sits in it (``param_slice_mappings``)."""
-    out = _Shards(tp)
+    out = _Shards(tp, optimizer)
     for (dp, mp) in sorted(files):
         _, t = _coords(mp, tp)
         osd = _load(files[(dp, mp)])["optimizer_state_dict"]
@@ -133,11 +133,11 @@ def _read_zero12(files: dict, shapes: dict, names, tp: int) -> _Shards:
     return out
 
 
-def _read_zero3(folder: Path, files: dict, names, tp: int) -> _Shards:
+def _read_zero3(folder: Path, files: dict, names, tp: int, optimizer: bool) -> _Shards:
     """ZeRO 3: every parameter is split into ceil(numel / DP) pieces, rank r holding piece r of
     each, concatenated in the order of the model file's ``param_shapes`` over the flat fp32
     sub-groups (a parameter never spans two)."""
-    out = _Shards(tp)
+    out = _Shards(tp, optimizer)
     for (dp, mp) in sorted(files):
         _, t = _coords(mp, tp)
         osd = _load(files[(dp, mp)])["optimizer_state_dict"]
@@ -160,21 +160,24 @@ def _read_zero3(folder: Path, files: dict, names, tp: int) -> _Shards:
     return out
 
 
-def _read_zero0(folder: Path, model_files: dict, names, tp: int, pp: int) -> _Shards:
-    """No ZeRO: the module files hold the weights, the optimizer's state dict (Ember's) numbers
-    the parameters in group order, which train.py records as ``param_names`` per group."""
-    out = _Shards(tp)
+def _read_zero0(folder: Path, ts: dict, model_files: dict, tp: int, optimizer: bool) -> _Shards:
+    """No ZeRO: the module files hold the weights (launch/consolidate.py reads them), the
+    optimizer's state dict (Ember's) numbers the parameters in group order, which train.py
+    records as ``param_names`` per group."""
+    from launch.consolidate import shard_state_dicts
+    out = _Shards(tp, optimizer)
+    weights_by_tp = shard_state_dicts(folder, ts)
     for mp, sd in model_files.items():
         _, t = _coords(mp, tp)
-        group_names = sd.get("param_names")
+        weights = weights_by_tp[t]
+        group_names = [list(weights)] if not optimizer else sd.get("param_names")
         if group_names is None:
             raise ValueError(f"{folder}: a ZeRO-0 checkpoint without the parameter names of "
                              "its optimizer groups (saved by an older launch/train.py) cannot "
                              "change shape")
-        opt = sd["optimizer"]
-        weights = _module_weights(folder, sd, mp, pp, names)
+        opt = sd.get("optimizer") or {"state": {}}
         index = 0
-        for g, group in enumerate(group_names):
+        for group in group_names:
             for name in group:
                 w = weights[name]
                 out.shapes[t][name] = w.shape
@@ -183,19 +186,6 @@ def _read_zero0(folder: Path, model_files: dict, names, tp: int, pp: int) -> _Sh
                 out.add(t, name, w.reshape(-1), st, (0, w.numel()))
                 index += 1
     return out
-
-
-def _module_weights(folder: Path, sd: dict, mp: int, pp: int, names) -> dict:
-    if pp == 1:
-        return {names(k): v for k, v in sd["module"].items() if torch.is_tensor(v)}
-    weights = {}
-    tp_rank = sd.get("tp_rank", 0)
-    for f in sorted(folder.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
-        index = int(re.match(r"layer_(\d+)-", f.name).group(1))
-        for k, v in _load(f).items():
-            if torch.is_tensor(v):
-                weights[names(f"{index}.{k}")] = v
-    return weights
 
 
 def _join_tables(entries_by_tp: list, vocab: int, names) -> dict:
@@ -218,8 +208,9 @@ def _join_tables(entries_by_tp: list, vocab: int, names) -> dict:
     return tables
 
 
-def read_universal(folder) -> UniversalState:
-    """The shape-free state of the checkpoint folder ``folder`` (one step folder)."""
+def read_universal(folder, optimizer: bool = True) -> UniversalState:
+    """The shape-free state of the checkpoint folder ``folder`` (one step folder);
+    ``optimizer=False``: the weights only (launch/consolidate.py, export)."""
     from launch.consolidate import join, model_config
     from models.gpt import GPT
     folder = Path(folder)
@@ -243,11 +234,11 @@ def read_universal(folder) -> UniversalState:
                        for mp in range(n_mp)}
     if stage in (1, 2) or (stage == 0 and zero):      # bf16 without ZeRO: the bf16 optimizer
         shards = _read_zero12(zero, {mp: {k: v for g in sd["param_shapes"] for k, v in g.items()}
-                                     for mp, sd in model_files.items()}, names, tp)
+                                     for mp, sd in model_files.items()}, names, tp, optimizer)
     elif stage == 3:
-        shards = _read_zero3(folder, zero, names, tp)
+        shards = _read_zero3(folder, zero, names, tp, optimizer)
     else:
-        shards = _read_zero0(folder, model_files, names, tp, pp)
+        shards = _read_zero0(folder, ts, model_files, tp, optimizer)
 
     # the TP = 1 model knows how each parameter's shards join (fused blocks, strides)
     reference = dict(GPT(cfg).named_parameters())

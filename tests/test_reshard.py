@@ -85,14 +85,12 @@ def plain_continuation(folder: Path, prepared):
 
     from ember_ds import Ember
     from ember_ds.ds_config import parse_params
-    from launch.consolidate import model_config
     from launch.reshard import read_universal
     from models.gpt import GPT
     state = read_universal(folder)
     ts = json.loads((folder / "train_state.json").read_text())
     ds = _ds_config(folder)
-    cfg = model_config(ts)
-    cfg.params_dtype = torch.float32
+    cfg = _config(ts)
     model = GPT(cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -147,20 +145,33 @@ def test_every_source_shape_trains_the_same_run(sources):
 
 
 def test_consolidated_weights_equal_the_module_files(sources):
-    from launch.consolidate import load_consolidated
+    """read_universal's fp32 masters (from the optimizer partitions) against DeepSpeed's module
+    files, read and joined by launch/consolidate.py's separate reader."""
+    from launch.consolidate import join, shard_state_dicts
     from launch.reshard import read_universal
+    from models.gpt import GPT
     for shape in ("dp2-z2", "tp2-z1", "pp2-z1", "dp1-z0"):
         folder = sources[shape][0]
         state = read_universal(folder)
-        model, _ = load_consolidated(folder)
+        ts = json.loads((folder / "train_state.json").read_text())
+        shards = shard_state_dicts(folder, ts)
+        model = GPT(_config(ts))
         for name, p in model.named_parameters():
-            assert torch.equal(state.params[name], p.detach()[:state.params[name].shape[0]]), \
+            full = join([s[name].float() for s in shards], p)
+            assert torch.equal(state.params[name], full[:state.params[name].shape[0]]), \
                 (shape, name)
         assert set(state.tables) == {"embedding.weight", "lm_head.weight"}
         for st in state.tables.values():
             assert st["r"].shape == (256,) and st["step"] == SAVED and (st["r"] > 0).any()
         assert state.optim and all(set(m) == {"exp_avg", "exp_avg_sq"}
                                    for m in state.optim.values())
+
+
+def _config(ts: dict):
+    from launch.consolidate import model_config
+    cfg = model_config(ts)
+    cfg.params_dtype = torch.float32
+    return cfg
 
 
 @pytest.mark.parametrize("source,target", CHANGES, ids=[f"{a}-to-{b}" for a, b in CHANGES])
