@@ -139,9 +139,9 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bench_shape(shape: str, args, device, dtype) -> dict:
+def bench_shape(shape: str, batch, args, device, dtype) -> dict:
     cfg = shape_config(shape, dtype, args.seq)
-    batch = args.batch or (2 if shape != "tiny" else 8)
+    batch = batch or (2 if shape != "tiny" else 8)
     ids = sample_tokens("zipf", cfg.vocab_size, (batch, cfg.seq_length + 1)).to(device)
     inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     models, steps = {}, {}
@@ -245,8 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="parameter dtype (default fp32 on CPU, bf16 on CUDA)")
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step "
-                    "(default 8 at tiny, 2 at larger shapes)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="sequences per step, one for all shapes or one per shape (default 8 "
+                         "at tiny, 2 at larger shapes)")
     ap.add_argument("--seq", type=int, default=None, help="override the preset's seq_length")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
@@ -264,7 +265,11 @@ def main(argv=None) -> int:
         (platform.processor() or platform.machine())
     load0 = list(os.getloadavg())
     print(f"device={dev_name} threads={torch.get_num_threads()} load={load0}", flush=True)
-    rows = [bench_shape(s, args, device, dtype) for s in args.shapes]
+    batches = args.batch or [None]
+    if len(batches) not in (1, len(args.shapes)):
+        ap.error("--batch takes one value, or one per shape")
+    batches = batches * len(args.shapes) if len(batches) == 1 else batches
+    rows = [bench_shape(s, b, args, device, dtype) for s, b in zip(args.shapes, batches)]
     text = print_table(rows)
     import transformers
     meta = dict(device=dev_name, device_type=device.type, threads=torch.get_num_threads(),
