@@ -378,6 +378,12 @@ class Ember(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self):
         sd = super().state_dict()
+        sd["ember_tables"] = self.tables_state_dict()
+        return sd
+
+    def tables_state_dict(self) -> dict:
+        """The tables' part of state_dict(): per table its name, shape, global rows, row offset
+        and state (r, c, s, step), the layout a checkpoint needs to join TP shards by row."""
         tables = []
         for t in range(len(self._tables)):
             rows, cols, V, meta = self._table_info(t)
@@ -387,8 +393,7 @@ class Ember(torch.optim.Optimizer):
                                state=None if st is None else dict(
                                    r=st["r"].clone(), c=st["c"].clone(), s=st["s"].clone(),
                                    step=st["step"], nonfinite_skips=st["nonfinite_skips"])))
-        sd["ember_tables"] = dict(version=1, tables=tables)
-        return sd
+        return dict(version=1, tables=tables)
 
     def load_state_dict(self, state_dict) -> None:
         state_dict = dict(state_dict)

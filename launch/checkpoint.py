@@ -267,7 +267,9 @@ class Checkpointer:
         self.dist.barrier()
 
     def save(self, step: int, client_state: dict, train_state: dict,
-             rng_state: Callable[[], dict]) -> Path:
+             rng_state: Callable[[], dict], extra: Optional[dict] = None) -> Path:
+        """``extra``: more files rank 0 writes into the checkpoint (name -> object for
+        torch.save), checksummed like the rest."""
         import torch
         tag = tag_of(step)
         staging = self.root / f".tmp-{tag}"
@@ -293,6 +295,9 @@ class Checkpointer:
                     state = dict(train_state, manifest=self.manifest)
                     (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1))
                     seal(folder / TRAIN_STATE)
+                    for name, obj in (extra or {}).items():
+                        torch.save(obj, folder / name)
+                        seal(folder / name)
                 mine = {}
                 for p, (sync, digest) in sealed.items():
                     sync.result()

@@ -208,6 +208,28 @@ def _join_tables(entries_by_tp: list, vocab: int, names) -> dict:
     return tables
 
 
+EMBER_FILE = "ember_tables.pt"
+
+
+def ember_tables_by_row(engine, names, dist, vocab: int) -> dict:
+    """Ember's table state in the layout-free form a checkpoint keeps beside DeepSpeed's files
+    (``ember_tables.pt``): per table name r over the real vocabulary rows, c, s, step. A
+    collective: every rank calls it, the first data-parallel replica's shards are joined (under
+    PP the tables live on different stages), and every rank gets the result."""
+    ember = find_ember(engine.optimizer)
+    mine = []
+    if ember is not None:
+        from megatron.core import parallel_state as ps
+        first = not ps.model_parallel_is_initialized() or ps.get_data_parallel_rank() == 0
+        if first:
+            mine = [dict(e, state=None if e["state"] is None else {
+                k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in e["state"].items()})
+                for e in ember.tables_state_dict()["tables"]]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return _join_tables(gathered, vocab, names)
+
+
 def read_universal(folder, optimizer: bool = True) -> UniversalState:
     """The shape-free state of the checkpoint folder ``folder`` (one step folder);
     ``optimizer=False``: the weights only (launch/consolidate.py, export)."""
@@ -271,7 +293,9 @@ def read_universal(folder, optimizer: bool = True) -> UniversalState:
         for g in base.get("param_groups", []):
             state.groups.setdefault(bool(g.get("token_table")),
                                     {k: v for k, v in g.items() if k != "params"})
-    state.tables = _join_tables(per_tp, V, names)
+    saved = folder / EMBER_FILE
+    state.tables = (_load(saved) if saved.is_file()                 # written since 2026-11-29
+                    else _join_tables(per_tp, V, names))
     sd = model_files[0]
     state.engine = {k: sd.get(k) for k in ("lr_scheduler", "global_steps", "global_samples",
                                             "skipped_steps")}

@@ -387,9 +387,13 @@ class Trainer:
     def save(self, step: int, train_loss: float, val_loss: float) -> None:
         state = dict(self.record, step=step, tokens=step * self.plan["tokens_per_step"],
                      train_loss=train_loss, val_loss=val_loss, time=time.time())
+        from launch.reshard import EMBER_FILE, ember_tables_by_row
+        tables = ember_tables_by_row(self.engine, self.gpt_names(), self.dist,
+                                     self.prepared.vocab_size)
         self.ckpt.save(step, client_state={"step": step, "train_state": state,
                                            "param_names": self.optimizer_param_names()},
-                       train_state=state, rng_state=rng_state)
+                       train_state=state, rng_state=rng_state,
+                       extra={EMBER_FILE: tables} if tables else None)
 
     def gpt_names(self):
         """Live parameter name -> GPT name (pipeline modules number their layers)."""

@@ -336,7 +336,8 @@ def test_a_failing_rank_always_reports(tiny, tmp_path):
 
 def test_resume_refusals_name_every_difference(tiny, reference, tmp_path):
     """Refused before DeepSpeed loads anything, in one line, exit status 2: another model and
-    vocabulary (found before the data is prepared), other data (after), another DP size."""
+    vocabulary (found before the data is prepared), other data (after). Another job shape is
+    not refused: it is converted (tests/test_reshard.py)."""
     _, ckpt = reference
     other = tmp_path / "other.txt"                      # other data, same vocabulary size
     other.write_text(tiny[0].read_text()[:-2000])
@@ -346,7 +347,6 @@ def test_resume_refusals_name_every_difference(tiny, reference, tmp_path):
          ["embedding 'leviathan' (this run: 'dense')", "model num_layers 1 (this run: 2)",
           "vocab_size 256 (this run: 320)"]),
         ("ember_zero2_fp32.json", ["--data", str(other)], 1, ["data_digest"]),
-        ("ember_zero2_fp32.json", [], 2, ["dp 1 (this run: 2)", "not supported yet"]),
     ]
     runs = []
     for i, (config, extra, nproc, _) in enumerate(cases):
@@ -361,10 +361,12 @@ def test_resume_refusals_name_every_difference(tiny, reference, tmp_path):
         for w in wants:
             assert w in errors[0], errors[0]
         assert sorted(x.name for x in (tmp_path / f"ckpt{i}").glob("step*")) == CKPTS
-    # another ZeRO stage: the same check, called on the reference checkpoint's own record
+    # another job shape: accepted, and named for the conversion's log line
     saved = C.read_train_state(ckpt / "step00000016")
-    with pytest.raises(S.ConfigError, match=r"zero_stage 2 \(this run: 1\).*not supported yet"):
-        S.check_resume(saved, dict(saved, zero_stage=1), ckpt / "step00000016")
+    other_shape = dict(saved, zero_stage=1, dp=2, tp=2)
+    assert S.check_resume(saved, other_shape, ckpt / "step00000016") == []
+    assert S.shape_changed(saved, other_shape) == ["tp 1 -> 2", "dp 1 -> 2", "zero_stage 2 -> 1"]
+    assert S.shape_changed(saved, saved) == []
     assert S.check_resume(saved, dict(saved, seed=7), "x") == [
         "resuming with seed = 7 (checkpoint: 1234): the run will not match an uninterrupted one"]
 

@@ -4,7 +4,7 @@ tiny dense GPT (2 layers, so that PP = 2 puts one on each stage) and Ember from 
 - five source runs of 5 steps save at step 3: DP 2 x ZeRO 2, DP 2 x ZeRO 3, TP 2 (ZeRO 1),
   PP 2 (ZeRO 1), and one rank without ZeRO; all five give the same losses (one global batch);
 - ``train.py --resume`` of a step-3 checkpoint at another shape converts it (DP 2 -> 1,
-  ZeRO 2 -> 3, ZeRO 3 -> 1, TP 2 -> 1 with DP 1 -> 2, TP 1 -> 2, PP 2 -> 1, PP 1 -> 2) and its
+  ZeRO 2 -> 3 with the optimizer offloaded to the CPU, ZeRO 3 -> 1, TP 2 -> 1 with DP 1 -> 2, TP 1 -> 2, PP 2 -> 1, PP 1 -> 2) and its
   losses, final weights and final Ember state equal those of a plain single-process
   continuation: models.gpt.GPT and ember_ds.Ember, no DeepSpeed, loaded from the checkpoint's
   consolidated fp32 weights and optimizer state and stepped on the same batches;
@@ -15,6 +15,7 @@ tiny dense GPT (2 layers, so that PP = 2 puts one on each stage) and Ember from 
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ MODEL = ["--embedding", "dense", "--vocab-size", "256", "--model", "hidden_size=
 SHAPES = {
     "dp2-z2": (2, "ember_zero2_fp32.json", []),
     "dp2-z3": (2, "ember_zero3_fp32.json", []),
+    "dp2-z3-offload": (2, "ember_zero3_fp32.json", [
+        "--ds", 'zero_optimization.offload_optimizer={"device":"cpu"}',
+        "--ds", "zero_force_ds_cpu_optimizer=false"]),
     "dp2-z1": (2, "ember_zero1_fp32.json", []),
     "dp1-z2": (1, "ember_zero2_fp32.json", ["--ds", "gradient_accumulation_steps=2"]),
     "dp1-z0": (1, "ember_zero1_fp32.json", ["--ds", "zero_optimization.stage=0",
@@ -41,7 +45,7 @@ SHAPES = {
     "pp2-z1": (2, "ember_zero1_fp32.json", ["--pp", "2", "--ds", "gradient_accumulation_steps=2"]),
 }
 SOURCES = ("dp2-z2", "dp2-z3", "tp2-z1", "pp2-z1", "dp1-z0")
-CHANGES = [("dp2-z2", "dp1-z2"), ("dp2-z2", "dp2-z3"), ("dp2-z3", "dp2-z1"),
+CHANGES = [("dp2-z2", "dp1-z2"), ("dp2-z2", "dp2-z3-offload"), ("dp2-z3", "dp2-z1"),
            ("tp2-z1", "dp2-z2"), ("dp1-z0", "tp2-z1"),
            ("pp2-z1", "dp2-z1"), ("dp1-z0", "pp2-z1")]
 
@@ -144,14 +148,15 @@ def test_every_source_shape_trains_the_same_run(sources):
         assert all(math.isclose(losses[s], base[s], rel_tol=1e-5) for s in base), shape
 
 
-def test_consolidated_weights_equal_the_module_files(sources):
+def test_consolidated_weights_equal_the_module_files(sources, tmp_path):
     """read_universal's fp32 masters (from the optimizer partitions) against DeepSpeed's module
-    files, read and joined by launch/consolidate.py's separate reader."""
+    files, read and joined by launch/consolidate.py's separate reader; Ember's ember_tables.pt
+    against the tables' per-rank state in the optimizer files."""
     from launch.consolidate import join, shard_state_dicts
     from launch.reshard import read_universal
     from models.gpt import GPT
     for shape in ("dp2-z2", "tp2-z1", "pp2-z1", "dp1-z0"):
-        folder = sources[shape][0]
+        folder, tmp = sources[shape][0], tmp_path
         state = read_universal(folder)
         ts = json.loads((folder / "train_state.json").read_text())
         shards = shard_state_dicts(folder, ts)
@@ -160,9 +165,16 @@ def test_consolidated_weights_equal_the_module_files(sources):
             full = join([s[name].float() for s in shards], p)
             assert torch.equal(state.params[name], full[:state.params[name].shape[0]]), \
                 (shape, name)
-        assert set(state.tables) == {"embedding.weight", "lm_head.weight"}
-        for st in state.tables.values():
+        # Ember's layout-free file equals the join of the per-rank states in DeepSpeed's files
+        copy = tmp / shape
+        shutil.copytree(folder, copy)
+        (copy / "ember_tables.pt").unlink()
+        joined = read_universal(copy, optimizer=False).tables
+        assert set(state.tables) == set(joined) == {"embedding.weight", "lm_head.weight"}
+        for name, st in state.tables.items():
             assert st["r"].shape == (256,) and st["step"] == SAVED and (st["r"] > 0).any()
+            for key in ("r", "c", "s"):
+                assert torch.equal(st[key], joined[name][key]), (shape, name, key)
         assert state.optim and all(set(m) == {"exp_avg", "exp_avg_sq"}
                                    for m in state.optim.values())
 
