@@ -109,7 +109,7 @@ else
   PEER_ARGS=(--shapes tiny 60m --rounds 10 --warmup 3)
 fi
 
-run_step triton_ember 45 "$PY" - "$DEVICE" "$RUN/triton_ember.json" "$DRY" <<'EOF'
+run_step triton_ember 60 "$PY" - "$DEVICE" "$RUN/triton_ember.json" "$DRY" <<'EOF'
 """Ember's Triton kernels on the device against the plain torch path on CPU."""
 import json, os, sys
 os.environ["EMBER_DS_CPU_FUSED"] = "0"        # the reference: the torch path itself
