@@ -12,7 +12,8 @@ recipe are swept, and a second, larger vocabulary puts the tables at most of the
                 basis as in the public re-implementation, 32 knots, the spec-default generator
                 size, isoparametric depth); the large vocabulary's tuned arms with more seeds;
   4. Leviathan's best variant with more seeds, and at the large vocabulary;
-  5. longer runs (long_factor x steps): the tuned dense arms and the best Leviathan variant;
+  5. longer runs (long_factor x steps): the tuned dense arms (all seeds, at the lrs tuned
+     short) and the best Leviathan variant (seed 0);
   6. Adafactor swept and seeded at the large vocabulary too;
   7. Ember's beta2 (0.999 by default) swept with its lr; a winner gets seeds (what time allows).
 
@@ -541,10 +542,10 @@ def plan(run: Runner, report) -> dict:
     T = sc["steps"] * sc["long_factor"]
     long = [dense("adamw", V, head_lr, steps=T), lev(V, head_lr, variant=bv, steps=T, **g)]
     pair(f"{bv}, {T} steps", V, long[1:], long[:1])
-    long += [dense(t, V, lr, steps=T) for t, lr in tuned.items() if lr and t != "adamw"]
     for t, lr in tuned.items():     # the tuned dense arms trained longer (at the lr tuned short)
         if lr:
-            arm(f"dense+{t}, {T} steps", V, [dense(t, V, lr, steps=T)])
+            arm(f"dense+{t}, {T} steps", V, [dense(t, V, lr, s, steps=T) for s in seeds])
+            long += [dense(t, V, lr, s, steps=T) for s in seeds]
     run.ensure(long)
     report(ch)
     if run.stopped or not V2 or not tuned.get("adafactor"):

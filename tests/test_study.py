@@ -58,7 +58,7 @@ def test_study_smoke(tmp_path):
     D = 128
     for (name, vocab), a in arms.items():
         V = 128 * -(-vocab // 128)         # the model pads the vocabulary to a multiple of 128
-        n = 1 if "steps" in name else 2
+        n = 2
         assert a["n"] == n and a["test_loss"]["n"] == n and 0 < a["test_loss"]["mean"] < 10
         name = name.split(",")[0]
         assert len(a["loss_by_frequency"]) == 5
