@@ -647,13 +647,18 @@ def main(argv=None) -> int:
         meta["commit"] = None
 
     def report(choices, final=False):
-        meta["wall_seconds"] = round(time.time() - run.t0)
+        if not run.dry:
+            meta["wall_seconds"] = round(time.time() - run.t0)
         try:
             study_report.write(out, meta, choices, plots=final or scale["stage_plots"])
         except Exception:                      # a report bug must not stop the runs
             traceback.print_exc()
 
     run.dry = args.report_only
+    if run.dry and (out / "results.json").exists():   # keep the measuring run's own record
+        old = json.loads((out / "results.json").read_text()).get("meta", {})
+        meta.update({k: old[k] for k in ("date", "command", "commit", "jobs", "threads_per_run",
+                                         "torch", "machine", "wall_seconds") if k in old})
     choices = plan(run, report)
     report(choices, final=True)
     print(f"[study] done in {(time.time() - run.t0) / 60:.1f} min"

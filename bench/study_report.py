@@ -134,7 +134,8 @@ def markdown(S: dict) -> str:
          "",
          f"Budget: {b['points']} finished runs, {b['train_steps']:,} training steps, "
          f"{b['tokens']:,} training tokens, {b['run_seconds']:,} run-seconds; wall "
-         f"{m.get('wall_seconds', 0) / 60:.0f} min." + (f" Failed: {', '.join(b['failed'])}."
+         f"{m.get('wall_seconds', 0) / 60:.0f} min "
+         "(the last invocation's)." + (f" Failed: {', '.join(b['failed'])}."
                                                          if b["failed"] else ""), ""]
     for V, arms in S["sweeps"].items():
         grid = sorted({lr for a in arms.values() for lr in a["grid"]})
@@ -282,7 +283,9 @@ def draw(S: dict, out: Path, pts: dict) -> None:
         _save(fig, out / "study_curves.png")
 
     # 3. Leviathan's gap to the dense table over training
-    gaps = [p for p in S["leviathan"] if p.get("gap_curve")]
+    firsts = [p["keys"][0] for p in S.get("_lev_raw", [])]
+    gaps = [p for i, p in enumerate(S["leviathan"])       # one line per seed-0 run
+            if p.get("gap_curve") and (i >= len(firsts) or firsts[i] not in firsts[:i])]
     if gaps:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, p in enumerate(gaps):
