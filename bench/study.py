@@ -418,10 +418,15 @@ class Runner:
             changed = False
             for n in grids:
                 losses = [self.loss(families[n][0](lr)) for lr in grids[n]]
-                grids[n], did = widen(grids[n], losses, widened[n], max_widen)
+                grid, did = widen(grids[n], losses, widened[n], max_widen)
+                if did and self.dry and any(self.result(families[n][0](lr)) is None
+                                            for lr in grid):
+                    did = False             # --report-only: only as far as the study went
+                if did:
+                    grids[n] = grid
                 widened[n] += did
                 changed |= did
-            if not changed or self.stopped or self.dry:
+            if not changed or self.stopped:
                 break
         out = {}
         for n, g in grids.items():
