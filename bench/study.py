@@ -15,7 +15,7 @@ recipe are swept, and a second, larger vocabulary puts the tables at most of the
   5. longer runs (long_factor x steps): the tuned dense arms (all seeds, at the lrs tuned
      short) and the best Leviathan variant (seed 0);
   6. Adafactor swept and seeded at the large vocabulary too;
-  7. Ember's beta2 (0.999 by default) swept with its lr; a winner gets seeds (what time allows).
+  7. the tables' beta2 (Ember's 0.999, AdamW's 0.95) swept with the lr; a winner gets seeds.
 
 Selection uses the TUNING split (the first half of the held-out documents' windows), the reported
 numbers the TEST split (the second half), so no reported number picked its own lr. Leviathan's
@@ -67,19 +67,22 @@ SCALES = {
                   large_vocab=512, eval_every=3, curve_windows=4, eval_windows=8, seeds=2,
                   table_grid=[1e-2, 3e-2], max_widen=1, large_span=0, gen_lrs=[3e-3],
                   gen_wds=[0.0, 0.1], variants=["reimpl", "iso"], long_factor=2, jobs=1,
-                  run_timeout=600, stage_plots=False, ember_beta2=[0.95]),
+                  run_timeout=600, stage_plots=False,
+                  beta2_sweep=dict(ember=[0.95], adamw=[0.999])),
     "cpu": dict(preset="tiny", layers=4, micro=8, seq=128, steps=250, body_lr=3e-3, vocab=4096,
                 large_vocab=16384, eval_every=50, curve_windows=32, eval_windows=0, seeds=3,
                 table_grid=[3e-3, 1e-2, 3e-2, 1e-1], max_widen=3, large_span=1,
                 gen_lrs=[3e-3, 1e-2, 3e-2], gen_wds=[0.0, 0.1],
                 variants=["reimpl", "knots32", "spec", "iso"], long_factor=3, jobs=2,
-                run_timeout=2400, stage_plots=True, ember_beta2=[0.95, 0.99]),
+                run_timeout=2400, stage_plots=True,
+                beta2_sweep=dict(ember=[0.95, 0.99], adamw=[0.99, 0.999])),
     "gpu": dict(preset="60m", layers=None, micro=32, seq=512, steps=2000, body_lr=1e-3,
                 vocab=32768, large_vocab=0, eval_every=200, curve_windows=64, eval_windows=512,
                 seeds=3, table_grid=[1e-3, 3e-3, 1e-2, 3e-2], max_widen=3, large_span=1,
                 gen_lrs=[1e-3, 3e-3, 1e-2], gen_wds=[0.0, 0.1],
                 variants=["reimpl", "knots32", "preset", "iso"], long_factor=2, jobs=1,
-                run_timeout=7200, stage_plots=True, ember_beta2=[0.95, 0.99]),
+                run_timeout=7200, stage_plots=True,
+                beta2_sweep=dict(ember=[0.95, 0.99], adamw=[0.99, 0.999])),
 }
 
 
@@ -567,28 +570,29 @@ def plan(run: Runner, report) -> dict:
         arm("dense+adafactor", V2, [dense("adafactor", V2, lr, s) for s in seeds])
         run.ensure([dense("adafactor", V2, lr, s) for s in seeds[1:]])
     report(ch)
-    if run.stopped or not tuned.get("ember") or not sc["ember_beta2"]:
+    if run.stopped or not sc["beta2_sweep"]:
         return ch
 
-    # 7. Ember's one other knob: beta2 (default 0.999; AdamW on the tables runs at 0.95, and
-    # Adafactor's decay schedule 1 - t^-0.8 averages over ~t/5 steps), lr re-swept around its
-    # tuned value; a setting that wins on the tuning split gets the seeds of a tuned arm
-    stage("7: Ember's beta2")
-    fams = {f"ember b2={b:g}": (lambda lr, b=b: dense("ember", V, lr, table_beta2=b),
-                                [ladder(tuned["ember"], k) for k in (-1, 0, 1)])
-            for b in sc["ember_beta2"]}
+    # 7. the tables' beta2, the one other knob of Ember (default 0.999) and of AdamW (0.95 here;
+    # Adafactor's decay is its own schedule 1 - t^-0.8), lr re-swept around its tuned value; a
+    # setting that beats the default on the tuning split gets the seeds of a tuned arm
+    stage("7: the tables' beta2")
+    fams = {f"{t} b2={b:g}": (lambda lr, t=t, b=b: dense(t, V, lr, table_beta2=b),
+                              [ladder(tuned[t], k) for k in (-1, 0, 1)])
+            for t, betas in sc["beta2_sweep"].items() if tuned.get(t) for b in betas}
     res = run.sweeps(fams, sc["max_widen"])
     ch["sweeps"][V].update(res)
-    best = min(((s["tune"][s["grid"].index(s["best_lr"])], n) for n, s in res.items()
-                if s["best_lr"] is not None), default=None)
-    default = run.loss(dense("ember", V, tuned["ember"]))
-    if best and default is not None and best[0] < default and not run.stopped:
-        b = float(best[1].split("=")[1])
-        lr = res[best[1]]["best_lr"]
-        ch["ember_beta2"] = dict(beta2=b, lr=lr)
-        arm(f"dense+ember, beta2 {b:g}", V, [dense("ember", V, lr, s, table_beta2=b)
-                                             for s in seeds])
-        run.ensure([dense("ember", V, lr, s, table_beta2=b) for s in seeds[1:]])
+    ch["beta2"] = {}
+    for t in sc["beta2_sweep"]:
+        best = min(((s["tune"][s["grid"].index(s["best_lr"])], n) for n, s in res.items()
+                    if n.startswith(t + " ") and s["best_lr"] is not None), default=None)
+        default = run.loss(dense(t, V, tuned[t])) if tuned.get(t) else None
+        if best and default is not None and best[0] < default and not run.stopped:
+            b = float(best[1].split("=")[1])
+            lr = res[best[1]]["best_lr"]
+            ch["beta2"][t] = dict(beta2=b, lr=lr)
+            arm(f"dense+{t}, beta2 {b:g}", V, [dense(t, V, lr, s, table_beta2=b) for s in seeds])
+            run.ensure([dense(t, V, lr, s, table_beta2=b) for s in seeds[1:]])
     report(ch)
     return ch
 

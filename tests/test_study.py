@@ -47,12 +47,13 @@ def test_study_smoke(tmp_path):
     assert res["meta"]["settings"]["data"] == [str(corpus)]
     assert set(res["sweeps"]) == {"256", "320"}
     assert set(res["sweeps"]["320"]) == {"adamw", "ember", "adafactor"}
-    assert set(res["sweeps"]["256"]) == {"adamw", "ember", "adafactor", "ember b2=0.95"}
+    assert set(res["sweeps"]["256"]) == {"adamw", "ember", "adafactor", "ember b2=0.95",
+                                         "adamw b2=0.999"}
     for s in res["sweeps"]["256"].values():
         assert len(s["grid"]) >= 2 and s["best_lr"] in s["grid"]
         assert s["best_lr"] == min((t, lr) for t, lr in zip(s["tune"], s["grid"]))[1]
     arms = {(a["name"], a["vocab"]): a for a in res["arms"]}
-    beta2 = {("dense+ember, beta2 0.95", 256)} if res["choices"].get("ember_beta2") else set()
+    beta2 = {(f"dense+{t}, beta2 {c['beta2']:g}", 256) for t, c in res["choices"]["beta2"].items()}
     assert set(arms) == beta2 | {(f"dense+{t}{x}", V) for t in ("adamw", "ember", "adafactor")
                                  for V, x in ((256, ""), (320, ""), (256, ", 12 steps"))}
     D = 128
