@@ -22,10 +22,11 @@ numbers the TEST split (the second half), so no reported number picked its own l
 LM head is a dense table trained like the tuned dense+AdamW arm's, so a gap is the input
 embedding's alone.
 
-    python bench/study.py --scale cpu                 # ~1 h on 2 CPU cores (docs/RESULTS.md)
+    python bench/study.py --scale cpu                 # 75 runs, ~1.5 h on 2 busy cores (RESULTS.md)
     python bench/study.py --scale cpu --data my_texts/ --vocab 8192 --large-vocab 0
-    python bench/study.py --scale gpu                 # the 60M preset, on one GPU
-    python bench/study.py --scale smoke --inline      # seconds: the whole pipeline, tiny
+    python bench/study.py --scale gpu                 # the 60M preset, on one GPU (never run yet)
+    python bench/study.py --scale cpu --report-only   # rewrite the report from finished runs
+    python bench/study.py --scale smoke --inline      # under a minute: the whole pipeline, tiny
 
 Each run is a subprocess (--inline: in this process) writing <out>/points/<key>.json; a failed
 or crashed run writes <key>.failed.json and the study goes on. Rerunning the same command resumes:
