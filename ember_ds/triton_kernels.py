@@ -26,8 +26,8 @@ tables above 2**31 elements are fine.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (used by the tests). Note that
 the interpreter rounds fp32 -> bf16 stores by truncation, while compiled CUDA rounds to nearest
 even (as torch does), so interpreted bf16 results may differ from torch by one bf16 ulp. For
-low-precision weights with decay != 1 the torch path rounds w*decay to the weight dtype before
-the update (two roundings); these kernels round once.
+low-precision weights these kernels, the torch path and the fused CPU path all decay and update
+in fp32 and round once.
 """
 from __future__ import annotations
 
