@@ -72,17 +72,18 @@ def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _gpt_names(num_layers: int, pp: int):
+def gpt_names(num_layers: int, pp: int):
+    """Checkpoint / live parameter name -> GPT name (pipeline modules number their layers)."""
     if pp == 1:
         return lambda n: n
     from models.pipeline import gpt_name
     return lambda n: gpt_name(n, num_layers)
 
 
-def _coords(mp: int, tp: int) -> tuple[int, int]:
-    """(pp stage, tp rank) of DeepSpeed's checkpoint ``mp_rank``: the pipeline grid numbers
+def _tp_rank(mp: int, tp: int) -> int:
+    """The TP rank of DeepSpeed's checkpoint ``mp_rank``: the pipeline grid numbers
     model-parallel ranks stage-major (pp * TP + tp), and without a pipeline it is the TP rank."""
-    return divmod(mp, tp)
+    return mp % tp
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def _read_zero12(files: dict, shapes: dict, names, tp: int, optimizer: bool) -> 
     where each parameter's fragment sits in it (``param_slice_mappings``)."""
     out = _Shards(tp, optimizer)
     for (dp, mp) in sorted(files):
-        _, t = _coords(mp, tp)
+        t = _tp_rank(mp, tp)
         osd = _load(files[(dp, mp)])["optimizer_state_dict"]
         parts = osd["single_partition_of_fp32_groups"]
         state = osd["base_optimizer_state"]["state"]
@@ -139,7 +140,7 @@ def _read_zero3(folder: Path, files: dict, names, tp: int, optimizer: bool) -> _
     sub-groups (a parameter never spans two)."""
     out = _Shards(tp, optimizer)
     for (dp, mp) in sorted(files):
-        _, t = _coords(mp, tp)
+        t = _tp_rank(mp, tp)
         osd = _load(files[(dp, mp)])["optimizer_state_dict"]
         world = int(osd["partition_count"] if not isinstance(osd["partition_count"], list)
                     else osd["partition_count"][0])
@@ -168,7 +169,7 @@ def _read_zero0(folder: Path, ts: dict, model_files: dict, tp: int, optimizer: b
     out = _Shards(tp, optimizer)
     weights_by_tp = shard_state_dicts(folder, ts)
     for mp, sd in model_files.items():
-        _, t = _coords(mp, tp)
+        t = _tp_rank(mp, tp)
         weights = weights_by_tp[t]
         group_names = [list(weights)] if not optimizer else sd.get("param_names")
         if group_names is None:
@@ -241,7 +242,7 @@ def read_universal(folder, optimizer: bool = True) -> UniversalState:
     tp, pp, stage = shape["tp"], shape["pp"], shape["zero_stage"]
     cfg = model_config(ts)
     cfg.params_dtype = torch.float32
-    names = _gpt_names(cfg.num_layers, pp)
+    names = gpt_names(cfg.num_layers, pp)
     zero = {}
     for f in folder.iterdir():
         m = _ZERO_FILE.match(f.name)
@@ -287,7 +288,7 @@ def read_universal(folder, optimizer: bool = True) -> UniversalState:
     # Ember's tables and the groups' hyperparameters, from one data-parallel rank per TP rank
     per_tp = [[] for _ in range(tp)]
     for mp in range(n_mp):
-        _, t = _coords(mp, tp)
+        t = _tp_rank(mp, tp)
         base = _base_optimizer_state(folder, zero, model_files[mp], mp, stage)
         per_tp[t].extend((base.get("ember_tables") or {}).get("tables", []))
         for g in base.get("param_groups", []):
@@ -383,23 +384,26 @@ def load_universal(engine, state: UniversalState, names=None) -> list[str]:
     return done
 
 
-def _step_of(state: UniversalState, names: list, like: torch.Tensor):
-    steps = [state.optim_step[n] for n in names if n in state.optim_step]
-    if not steps:
-        return None
-    s = steps[0]
-    return s.clone() if torch.is_tensor(s) else torch.tensor(float(s))
+def _new_state(base, tensor, members: list, state: UniversalState) -> None:
+    """The body optimizer's state for ``tensor`` (a parameter, or a flat partition holding the
+    ``members`` (name, value, moments)), zero-filled, with their step; nothing for tables."""
+    keys = {k for _, _, moments in members for k in moments}
+    if not keys:
+        return
+    base.state[tensor] = {k: torch.zeros_like(tensor) for k in keys}
+    steps = [state.optim_step[name] for name, _, _ in members if name in state.optim_step]
+    if steps:
+        s = steps[0]
+        base.state[tensor]["step"] = s.clone() if torch.is_tensor(s) else torch.tensor(float(s))
 
 
 def _write_plain(base, live: dict, state: UniversalState) -> None:
     """No ZeRO: the optimizer steps the parameters themselves."""
     for p, (name, value, moments) in live.items():
         p.data.copy_(value.to(p.dtype))
-        if moments:
-            base.state[p] = dict(moments)
-            step = _step_of(state, [name], p)
-            if step is not None:
-                base.state[p]["step"] = step
+        _new_state(base, p, [live[p]], state)
+        for k, v in moments.items():
+            base.state[p][k].copy_(v)
 
 
 def _write_flat(opt, base, live: dict, state: UniversalState) -> None:
@@ -409,14 +413,7 @@ def _write_flat(opt, base, live: dict, state: UniversalState) -> None:
     lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups")
     for g, lps in enumerate(lp_groups):
         flat = base.param_groups[g]["params"][0]
-        keys = set()
-        for lp in lps:
-            keys.update(live[lp][2])
-        if keys:
-            base.state[flat] = {k: torch.zeros_like(flat) for k in keys}
-            step = _step_of(state, [live[lp][0] for lp in lps], flat)
-            if step is not None:
-                base.state[flat]["step"] = step
+        _new_state(base, flat, [live[lp] for lp in lps], state)
         for lp in lps:
             name, value, moments = live[lp]
             lp.data.copy_(value.to(lp.dtype))
@@ -439,14 +436,7 @@ def _write_zero3(opt, base, live: dict, state: UniversalState) -> None:
     rank = dist.get_rank(group=opt.dp_process_group)
     for sg, lps in enumerate(opt.fp16_groups):
         flat = opt.fp32_partitioned_groups_flat[sg]
-        keys = set()
-        for lp in lps:
-            keys.update(live[lp][2])
-        if keys:
-            base.state[flat] = {k: torch.zeros_like(flat) for k in keys}
-            step = _step_of(state, [live[lp][0] for lp in lps], flat)
-            if step is not None:
-                base.state[flat]["step"] = step
+        _new_state(base, flat, [live[lp] for lp in lps], state)
         offset = 0
         for lp in lps:
             name, value, moments = live[lp]
@@ -456,8 +446,9 @@ def _write_zero3(opt, base, live: dict, state: UniversalState) -> None:
                 t = t.reshape(-1)
                 t = torch.cat([t, t.new_zeros(part * opt.partition_count - t.numel())])
                 return t.narrow(0, part * rank, part)
-            flat.narrow(0, offset, part).copy_(piece(value))
-            lp.ds_tensor.data.copy_(piece(value).to(lp.ds_tensor.dtype))
+            mine = piece(value)
+            flat.narrow(0, offset, part).copy_(mine)
+            lp.ds_tensor.data.copy_(mine.to(lp.ds_tensor.dtype))
             for k, v in moments.items():
                 base.state[flat][k].narrow(0, offset, part).copy_(piece(v))
             offset += part
@@ -494,5 +485,5 @@ def _write_tables(ember, state: UniversalState, names) -> None:
     ember.load_table_state(dict(version=1, tables=saved))
 
 
-__all__ = ["SHAPE_KEYS", "UniversalState", "describe", "find_ember", "load_universal",
-           "read_universal", "shape_of"]
+__all__ = ["EMBER_FILE", "SHAPE_KEYS", "UniversalState", "describe", "ember_tables_by_row",
+           "find_ember", "gpt_names", "load_universal", "read_universal", "shape_of"]

@@ -397,11 +397,8 @@ class Trainer:
 
     def gpt_names(self):
         """Live parameter name -> GPT name (pipeline modules number their layers)."""
-        if self.pp == 1:
-            return lambda n: n
-        from models.pipeline import gpt_name
-        layers = self.gcfg.num_layers
-        return lambda n: gpt_name(n, layers)
+        from launch.reshard import gpt_names
+        return gpt_names(self.gcfg.num_layers, self.pp)
 
     def optimizer_param_names(self) -> Optional[list]:
         """GPT names of the optimizer's parameters, group by group: what a checkpoint without

@@ -7,7 +7,7 @@ Ember from the ds_config:
   same losses (one global batch);
 - ``train.py --resume`` of a step-3 checkpoint at another shape converts it (DP 2 -> 1,
   ZeRO 2 -> 3 with the optimizer offloaded to the CPU, ZeRO 3 -> 1, TP 2 -> 1 with DP 1 -> 2
-  (dense and Leviathan), TP 1 -> 2, PP 2 -> 1, PP 1 -> 2) and its
+  (dense and Leviathan), TP 1 -> 2, PP 2 -> 1 onto one rank without ZeRO, PP 1 -> 2) and its
   losses, final weights and final Ember state equal those of a plain single-process
   continuation: models.gpt.GPT and ember_ds.Ember, no DeepSpeed, loaded from the checkpoint's
   consolidated fp32 weights and optimizer state and stepped on the same batches;
@@ -53,7 +53,7 @@ SHAPES = {
 SOURCES = ("dp2-z2", "dp2-z3", "tp2-z1", "pp2-z1", "dp1-z0", "tp2-z1-leviathan")
 CHANGES = [("dp2-z2", "dp1-z2"), ("dp2-z2", "dp2-z3-offload"), ("dp2-z3", "dp2-z1"),
            ("tp2-z1", "dp2-z2"), ("dp1-z0", "tp2-z1"),
-           ("pp2-z1", "dp2-z1"), ("dp1-z0", "pp2-z1"), ("tp2-z1-leviathan", "dp2-z2-leviathan")]
+           ("pp2-z1", "dp1-z0"), ("dp1-z0", "pp2-z1"), ("tp2-z1-leviathan", "dp2-z2-leviathan")]
 
 
 @pytest.fixture(scope="module")
