@@ -5,7 +5,10 @@ it reads and writes chunk temporaries; the C++ loops do each pass in one sweep: 
 read G once, the update reads G and W and writes W, with OpenMP over rows, no temporaries
 beyond 256 column partial sums, and the same values (the update bitwise: the same fp32
 operations in the same order; the sums in a fixed order, so bitwise reproducible for any
-thread count). ``docs/EMBER.md`` ("The CPU path") says why C++ and not torch.compile.
+thread count). A third call does a table's state step (r, c, s, the finite check, the
+factors) in place of a dozen small torch ops: after a pass has streamed the table through
+the caches each small op runs cold, and those ops cost about 0.3 ms of a 10 ms step. ``docs/EMBER.md`` ("The CPU path") says why
+C++ and not torch.compile.
 
 The library is a plain C ABI (no torch or Python headers), built by one compiler call (about
 a second) the first time a CPU table step runs, and cached per machine under the torch
@@ -122,7 +125,7 @@ def _load():
             t0 = time.perf_counter()
             path, built = build()
             lib = ctypes.CDLL(str(path))
-            if lib.ember_abi_version() != 1:
+            if lib.ember_abi_version() != 2:
                 raise RuntimeError("stale library (ABI version)")
             i64, vp, fp = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
             lib.ember_stats.argtypes = [vp, ctypes.c_int, i64, i64, i64, fp, fp, fp, ctypes.c_int]
@@ -131,6 +134,9 @@ def _load():
                                          fp, fp, ctypes.c_double, ctypes.c_double,
                                          ctypes.c_double, ctypes.c_int]
             lib.ember_update.restype = ctypes.c_int
+            d = ctypes.c_double
+            lib.ember_state.argtypes = [fp, fp, fp, fp, fp, i64, i64, d, d, d, d, d, d, fp, fp]
+            lib.ember_state.restype = ctypes.c_int
             lib.has_f16 = bool(lib.ember_has_f16())
             _build_s = time.perf_counter() - t0 if built else None
             _lib, _path = lib, path
@@ -210,6 +216,32 @@ def use_for_update(w, g, a, b) -> bool:
     return lib is not None and (torch.float16 not in (w.dtype, g.dtype) or lib.has_f16)
 
 
+def use_for_state(st: dict, rowsum, colsum) -> bool:
+    """Whether state_step runs here: a CPU table whose state and reduced statistics are
+    contiguous fp32 vectors."""
+    if st["r"].device.type != "cpu" or not enabled():
+        return False
+    if not all(_vec(t) for t in (st["r"], st["c"], st["s"], rowsum, colsum)):
+        return False
+    return _load() is not None
+
+
+def state_step(st: dict, rowsum, colsum, denom_c: float, beta2: float, global_rows: int,
+               step: int, row_f, col_f) -> bool:
+    """One table's state update after its statistics are reduced (the torch path's ops in
+    ember_ds/optimizer.py, in their order and rounding, as one call): r, c, s in place, the
+    update's factors into row_f [rows] and col_f [cols]. Returns False, and writes nothing,
+    when the table's total sum of squares is not finite. ``step`` is the step being taken
+    (1 for the first; the caller counts it)."""
+    rows, cols = rowsum.numel(), colsum.numel()
+    b2 = float(beta2)
+    rc = _lib.ember_state(st["r"].data_ptr(), st["c"].data_ptr(), st["s"].data_ptr(),
+                          rowsum.data_ptr(), colsum.data_ptr(), rows, cols, float(denom_c), b2,
+                          (1.0 - b2) / cols, 1.0 - b2, float(global_rows * cols),
+                          1.0 - b2 ** step, row_f.data_ptr(), col_f.data_ptr())
+    return rc == 0
+
+
 def scratch_bytes(rows: int, cols: int) -> int:
     """Bytes the fused statistics pass allocates for a [rows, cols] piece (its column partial
     sums: one row of cols floats per row block, at most 256 blocks; the update allocates
@@ -248,4 +280,4 @@ def piece_update(w, g, a, b, lr: float, eps: float, decay: float) -> None:
 
 
 __all__ = ["ENV", "available", "build", "describe", "enabled", "piece_stats", "piece_update",
-           "scratch_bytes", "use_for_stats", "use_for_update"]
+           "scratch_bytes", "state_step", "use_for_state", "use_for_stats", "use_for_update"]

@@ -22,8 +22,8 @@ Design decisions:
   to an unfactored update.
 - State is fp32 and stays fp32 through load_state_dict (torch casts optimizer state to the
   parameter dtype; Ember keeps its table state out of torch's path).
-- A non-finite gradient anywhere in a table (detected after the reductions, so every rank
-  agrees) skips that table's step: weights and state untouched, counted in
+- A non-finite gradient anywhere in a table, or squares that sum past fp32's range (detected
+  on the reduced total, so every rank agrees), skips that table's step: weights and state untouched, counted in
   ``nonfinite_skips``, with a warning; ``nonfinite="raise"`` raises instead.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .comm import StatComm
+from . import cpu_fused
 from .factored import piece_stats, piece_update
 from .layout import Unit, pieces, units_from_wrapper, whole_unit
 from .tables import _shape, is_token_table, mark_token_table, table_meta, tag_module_tables
@@ -306,15 +307,18 @@ class Ember(torch.optim.Optimizer):
             self._comm.all_reduce(buf, unit.group)
             stats.update(views)
 
-        # Row-split tables (vocab parallel): column sums and active-row counts are summed over
-        # every group that splits the rows; one buffer per group.
-        extra = {}  # table -> tensor([colsum..., n_active])
+        # Row-split tables (vocab parallel): column sums (and, for a table normalised by its
+        # active rows, the count of rows with any |g| > 0) are summed over every group that
+        # splits the rows; one buffer per group. Without row groups nothing is copied.
+        extra = {}  # table -> colsum, or [colsum..., n_active] (normalize="active_rows")
         for g, tensor, unit in work:
             for t in unit.tables:
                 rowsum, colsum, rownz = stats[t]
-                active = rowsum if rownz is None else rownz  # any |g| > 0 in the row
-                n_active = (active > 0).sum().to(torch.float32).reshape(1)
-                extra[t] = torch.cat([colsum, n_active])
+                if rownz is None:
+                    extra[t] = colsum
+                else:
+                    n_active = torch.count_nonzero(rownz).to(torch.float32).reshape(1)
+                    extra[t] = torch.cat([colsum, n_active])
         by_group = {}
         for t in extra:
             for grp in self._table_info(t)[3].row_groups:
@@ -328,39 +332,13 @@ class Ember(torch.optim.Optimizer):
                 extra[t] = buf[off:off + n]
                 off += n
 
-        # Which tables are finite (every rank sees the same reduced sums: same decision).
-        order = list(extra)
-        finite = torch.stack([torch.isfinite(extra[t]).all() for t in order]).tolist()
-        ok = dict(zip(order, finite))
-
-        # Pass 2: state update (replicated) and this rank's elements.
-        factors = {}
+        # Pass 2: each table's state (replicated), then this rank's elements.
+        factors = {}  # table -> (row factors, column factors), or None: its step is skipped
         for g, tensor, unit in work:
             for t in unit.tables:
-                if t in factors:
-                    continue
-                rows, cols, V, _ = self._table_info(t)
-                st = self._state(t, rows, cols, tensor.device)
-                if not ok[t]:
-                    st["nonfinite_skips"] += 1
-                    msg = (f"Ember: non-finite gradient in token table "
-                           f"{table_meta(self._tables[t]).name or t}")
-                    if self.nonfinite == "raise":
-                        raise FloatingPointError(msg)
-                    warnings.warn(msg + "; its step was skipped (weights and state unchanged)")
-                    factors[t] = None
-                    continue
-                b2 = g["beta2"]
-                rowsum = stats[t][0]
-                colsum, n_active = extra[t][:-1], extra[t][-1]
-                st["step"] += 1
-                bc = 1.0 - b2 ** st["step"]
-                denom_c = n_active.clamp_min(1.0) if g["normalize"] == "active_rows" else V
-                st["r"].mul_(b2).add_(rowsum, alpha=(1.0 - b2) / cols)
-                st["c"].mul_(b2).add_(colsum / denom_c, alpha=1.0 - b2)
-                st["s"].mul_(b2).add_(colsum.sum() / (V * cols), alpha=1.0 - b2)
-                row_f = (st["r"] / (st["s"].clamp_min(1e-30) * bc)).sqrt_()
-                factors[t] = (row_f, st["c"].sqrt())
+                if t not in factors:
+                    factors[t] = self._table_step(t, g, tensor.device, stats[t][0], extra[t])
+        for g, tensor, unit in work:
             lr, eps, wd = g["lr"], g["eps"], g["weight_decay"]
             decay = 1.0 - lr * wd
             data, grad = tensor.data.reshape(-1), tensor.grad.reshape(-1)
@@ -374,6 +352,45 @@ class Ember(torch.optim.Optimizer):
                     n = nrows * ncols
                     piece_update(data[a:a + n].view(nrows, ncols), grad[a:a + n].view(nrows, ncols),
                                  row_f[row0:row0 + nrows], col_f[col0:col0 + ncols], lr, eps, decay)
+
+    def _table_step(self, t: int, g: dict, device, rowsum, extra):
+        """Table t's state step from its reduced statistics (``extra``: the column sums, then
+        the active-row count under normalize="active_rows"): r, c, s and step in place, and the
+        update's factors (sqrt(vhat_ij) = row_f[i] * col_f[j]); None when the gradient is not
+        finite. Every rank sees the same reduced sums, so every rank decides alike. A NaN or inf
+        anywhere in the table reaches its total sum of squares; a total past fp32's range is
+        skipped too (s would become inf). On CPU one fused call does it (cpu_fused.state_step),
+        elsewhere the torch ops below, in the same order and rounding."""
+        rows, cols, V, _ = self._table_info(t)
+        st = self._state(t, rows, cols, device)
+        b2, colsum = g["beta2"], extra[:cols]
+        active = g["normalize"] == "active_rows"
+        if cpu_fused.use_for_state(st, rowsum, colsum):
+            row_f, col_f = torch.empty_like(st["r"]), torch.empty_like(st["c"])
+            denom_c = max(float(extra[cols]), 1.0) if active else V
+            finite = cpu_fused.state_step(st, rowsum, colsum, denom_c, b2, V, st["step"] + 1,
+                                          row_f, col_f)
+        else:
+            row_f = col_f = None
+            total = colsum.sum()
+            finite = bool(torch.isfinite(total))
+        if not finite:
+            st["nonfinite_skips"] += 1
+            msg = f"Ember: non-finite gradient in token table {table_meta(self._tables[t]).name or t}"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg)
+            warnings.warn(msg + "; its step was skipped (weights and state unchanged)")
+            return None
+        st["step"] += 1
+        if row_f is None:
+            bc = 1.0 - b2 ** st["step"]
+            denom_c = extra[cols].clamp_min(1.0) if active else V
+            st["r"].mul_(b2).add_(rowsum, alpha=(1.0 - b2) / cols)
+            st["c"].mul_(b2).add_(colsum / denom_c, alpha=1.0 - b2)
+            st["s"].mul_(b2).add_(total / (V * cols), alpha=1.0 - b2)
+            row_f = (st["r"] / (st["s"].clamp_min(1e-30) * bc)).sqrt_()
+            col_f = st["c"].sqrt()
+        return row_f, col_f
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self):

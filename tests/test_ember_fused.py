@@ -187,6 +187,53 @@ def test_optimizer_fused_equals_torch_path(normalize, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(run(True), out))
 
 
+@pytest.mark.parametrize("rows,cols,active", [(300, 48, None), (37, 53, 12.0), (1, 7, 0.0),
+                                             (1037, 96, None)])
+def test_state_step_equals_torch_ops(rows, cols, active):
+    """cpu_fused.state_step against the torch path's ops in optimizer._table_step: r, c and the
+    column factors bitwise; s and the row factors to fp32 rounding (the total is summed in
+    another order); a non-finite total writes nothing."""
+    b2, V, step = 0.95, rows * 3, 4
+    st = dict(r=_gen(rows, 1).abs(), c=_gen(cols, 2).abs(), s=_gen(1, 3).abs())
+    rowsum, colsum = _gen(rows, 4).square(), _gen(cols, 5).square()
+    ref = {k: v.clone() for k, v in st.items()}
+    denom_c = V if active is None else max(active, 1.0)
+    total = colsum.sum()
+    ref["r"].mul_(b2).add_(rowsum, alpha=(1.0 - b2) / cols)
+    ref["c"].mul_(b2).add_(colsum / (V if active is None else torch.tensor([active]).clamp_min(
+        1.0)), alpha=1.0 - b2)
+    ref["s"].mul_(b2).add_(total / (V * cols), alpha=1.0 - b2)
+    ref_row = (ref["r"] / (ref["s"].clamp_min(1e-30) * (1.0 - b2 ** step))).sqrt_()
+    row_f, col_f = torch.full((rows,), -1.0), torch.full((cols,), -1.0)
+    assert cpu_fused.use_for_state(st, rowsum, colsum)
+    assert cpu_fused.state_step(st, rowsum, colsum, denom_c, b2, V, step, row_f, col_f)
+    assert torch.equal(st["r"], ref["r"]) and torch.equal(st["c"], ref["c"])
+    assert torch.equal(col_f, ref["c"].sqrt())
+    torch.testing.assert_close(st["s"], ref["s"], rtol=4 * cols * 2.0 ** -24, atol=0)
+    torch.testing.assert_close(row_f, ref_row, rtol=4 * cols * 2.0 ** -24, atol=0)
+    for bad in (float("nan"), float("inf")):
+        before = {k: v.clone() for k, v in st.items()}
+        colsum[cols // 2] = bad
+        assert not cpu_fused.state_step(st, rowsum, colsum, denom_c, b2, V, step, row_f, col_f)
+        assert all(torch.equal(st[k], before[k]) for k in st)
+
+
+def test_sum_of_squares_past_fp32_range_skips_the_step():
+    """Every gradient finite, but the squares sum past fp32's range: s would become inf, so the
+    table's step is skipped on both paths, as for a NaN."""
+    for fused in ("1", "0"):
+        w = nn.Parameter(torch.randn(2, 2))
+        opt = Ember([{"params": [w], "token_table": True}], lr=1e-2)
+        w.grad = torch.full((2, 2), 1.2e19)  # squares 1.44e38, row and column sums 2.88e38,
+        # all finite; the total, 5.76e38, is not
+        before = w.detach().clone()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(cpu_fused.ENV, fused)
+            with pytest.warns(UserWarning, match="non-finite"):
+                opt.step()
+        assert torch.equal(w.detach(), before) and opt.table_state(0)["nonfinite_skips"] == 1
+
+
 _SCRIPT = r"""
 import importlib.util, os, resource, sys, torch
 

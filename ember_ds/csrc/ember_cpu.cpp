@@ -10,6 +10,7 @@
 // never on the thread count; each row's sum is accumulated by one thread in a fixed lane order,
 // and the per-block column partial sums are added in block order. Results are therefore
 // bitwise the same for any number of threads (and any vector width the compiler picks).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -294,7 +295,7 @@ void update_d(void* w, const void* g, int64_t rows, int64_t cols, int64_t ldw, i
 
 extern "C" {
 
-int ember_abi_version() { return 1; }
+int ember_abi_version() { return 2; }
 
 int ember_has_f16() { return EMBER_HAVE_F16; }
 
@@ -335,6 +336,33 @@ int ember_update(void* w, int dw, const void* g, int dg, int64_t rows, int64_t c
     default: return -1;
   }
 #undef EMBER_UPD
+}
+
+// One table's state step, after the statistics are reduced: the torch path's ops in ember_ds/
+// optimizer.py in their order and fp32 rounding (torch's add_(x, alpha=a) is one fused
+// multiply-add, x*a + y, rounded once), in one call instead of a dozen small torch ops:
+//   total = sum_j colsum_j;  if total is not finite: return 1, nothing written
+//   r <- r*b2 + rowsum*ar;  c <- c*b2 + (colsum/denom_c)*(1-b2);  s <- s*b2 + (total/vd)*(1-b2)
+//   row_f = sqrt(r / (max(s, 1e-30)*bc));  col_f = sqrt(c)
+// (ar = (1-b2)/cols, vd = V*cols, bc = 1 - b2^step, rounded to fp32 as torch rounds scalars.)
+// total is summed in column order (torch sums in its own order: s may differ in the last bit).
+int ember_state(float* r, float* c, float* s, const float* rowsum, const float* colsum,
+                int64_t rows, int64_t cols, double denom_c, double b2, double ar, double one_m_b2,
+                double vd, double bc, float* row_f, float* col_f) {
+  float total = 0.0f;
+  for (int64_t j = 0; j < cols; ++j) total += colsum[j];
+  if (!std::isfinite(total)) return 1;
+  const float fb2 = static_cast<float>(b2), far = static_cast<float>(ar),
+              f1 = static_cast<float>(one_m_b2), fdc = static_cast<float>(denom_c);
+  for (int64_t i = 0; i < rows; ++i) r[i] = std::fma(rowsum[i], far, r[i] * fb2);
+  for (int64_t j = 0; j < cols; ++j) {
+    c[j] = std::fma(colsum[j] / fdc, f1, c[j] * fb2);
+    col_f[j] = std::sqrt(c[j]);
+  }
+  s[0] = std::fma(total / static_cast<float>(vd), f1, s[0] * fb2);
+  const float den = (s[0] < 1e-30f ? 1e-30f : s[0]) * static_cast<float>(bc);  // clamp_min
+  for (int64_t i = 0; i < rows; ++i) row_f[i] = std::sqrt(r[i] / den);
+  return 0;
 }
 
 }  // extern "C"
