@@ -295,15 +295,13 @@ class Ember(torch.optim.Optimizer):
                 views[t] = (buf[off:off + rows], buf[off + rows:off + rows + cols],
                             buf[off + rows + cols:off + 2 * rows + cols] if nz else None)
                 off += (2 if nz else 1) * rows + cols
-            grad = tensor.grad.reshape(-1)
             for seg in unit.segments:
                 cols = self._table_info(seg.table)[1]
                 rowsum, colsum, rownz = views[seg.table]
                 for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
-                    a = seg.start_in_tensor + o
-                    gv = grad[a:a + nrows * ncols].view(nrows, ncols)
-                    piece_stats(gv, rowsum[row0:row0 + nrows], colsum[col0:col0 + ncols],
-                                None if rownz is None else rownz[row0:row0 + nrows])
+                    gv = _block(tensor.grad, seg.start_in_tensor + o, nrows, ncols)
+                    piece_stats(gv, _span(rowsum, row0, nrows), _span(colsum, col0, ncols),
+                                None if rownz is None else _span(rownz, row0, nrows))
             self._comm.all_reduce(buf, unit.group)
             stats.update(views)
 
@@ -341,7 +339,6 @@ class Ember(torch.optim.Optimizer):
         for g, tensor, unit in work:
             lr, eps, wd = g["lr"], g["eps"], g["weight_decay"]
             decay = 1.0 - lr * wd
-            data, grad = tensor.data.reshape(-1), tensor.grad.reshape(-1)
             for seg in unit.segments:
                 if factors[seg.table] is None:
                     continue
@@ -349,9 +346,9 @@ class Ember(torch.optim.Optimizer):
                 cols = self._table_info(seg.table)[1]
                 for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
                     a = seg.start_in_tensor + o
-                    n = nrows * ncols
-                    piece_update(data[a:a + n].view(nrows, ncols), grad[a:a + n].view(nrows, ncols),
-                                 row_f[row0:row0 + nrows], col_f[col0:col0 + ncols], lr, eps, decay)
+                    piece_update(_block(tensor, a, nrows, ncols),
+                                 _block(tensor.grad, a, nrows, ncols), _span(row_f, row0, nrows),
+                                 _span(col_f, col0, ncols), lr, eps, decay)
 
     def _table_step(self, t: int, g: dict, device, rowsum, extra):
         """Table t's state step from its reduced statistics (``extra``: the column sums, then
@@ -457,6 +454,21 @@ class Ember(torch.optim.Optimizer):
                                step=int(st["step"]),
                                nonfinite_skips=int(st.get("nonfinite_skips", 0)))
         return restored
+
+
+def _block(t: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
+    """The [rows, cols] block of ``t`` from its flat element ``start``: ``t`` itself when it is
+    that block (a whole table), else a view of its flat storage (a ZeRO partition's piece).
+    Views are built only where needed: each torch op here runs with cold caches, right after a
+    pass over the table."""
+    if start == 0 and t.dim() == 2 and t.shape[0] == rows and t.shape[1] == cols:
+        return t
+    return t.reshape(-1)[start:start + rows * cols].view(rows, cols)
+
+
+def _span(v: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """v[start:start + n], or v itself when that is all of it."""
+    return v if start == 0 and v.shape[0] == n else v[start:start + n]
 
 
 def _split_groups(params):
