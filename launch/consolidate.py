@@ -43,9 +43,18 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 def find_tokenizer(path, given=None) -> Path:
     """The tokenizer train.py keeps beside its checkpoints (the --save folder), or an export
-    folder's copy; ``given`` wins."""
+    folder's copy; ``given`` (a file, or a folder holding one) wins."""
     if given:
-        return Path(given)
+        given = Path(given).expanduser()
+        if given.is_file():
+            return given
+        if not given.is_dir():
+            raise FileNotFoundError(f"--tokenizer {given}: no such file or folder")
+        found = [given / n for n in TOKENIZER_FILES if (given / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--tokenizer {given}: the folder holds no tokenizer.model "
+                                    f"or tokenizer.json")
+        return found[0]
     path = Path(path)
     for folder in (path, path.parent, path.parent.parent):
         for name in TOKENIZER_FILES:

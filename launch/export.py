@@ -77,15 +77,18 @@ def export(checkpoint, out, tokenizer=None) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"export mapping is incomplete: missing {missing}, unexpected "
                            f"{unexpected}")
+    if tokenizer:                     # named by the user: it must exist (checked before writing)
+        tok = find_tokenizer(None, tokenizer)
+    else:
+        try:
+            tok = find_tokenizer(checkpoint_folder(checkpoint))
+        except FileNotFoundError:
+            tok = None                # weights only; say so
+            print("[export] no tokenizer found next to the checkpoint: weights only "
+                  "(give --tokenizer)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
-    try:
-        tok = find_tokenizer(checkpoint_folder(checkpoint), tokenizer)
-    except FileNotFoundError:
-        tok = None                    # weights only; say so
-        print("[export] no tokenizer found next to the checkpoint: weights only "
-              "(give --tokenizer)")
     if tok is not None:
         export_tokenizer(tok, out, model.cfg.seq_length)
     return out
@@ -117,8 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True,
                    help="a --save folder (its latest checkpoint) or one step folder")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: "
-                   "the one in the checkpoint's --save folder)")
+    p.add_argument("--tokenizer", help="tokenizer file, or a folder holding tokenizer.model / "
+                   "tokenizer.json, to copy beside the weights (default: the one in the "
+                   "checkpoint's --save folder)")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.tokenizer)

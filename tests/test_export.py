@@ -109,6 +109,24 @@ def test_generate_from_a_checkpoint_and_its_export(checkpoints, tmp_path, monkey
     assert sampled[0] == sampled[1]
 
 
+def test_tokenizer_given_as_a_folder(checkpoints, tmp_path, capsys):
+    """--tokenizer may name a folder (an earlier export): its tokenizer.model is taken; a
+    folder without one, or a path that does not exist, is a one-line error, not a traceback."""
+    from launch.export import export, main
+    first = export(checkpoints[1], tmp_path / "hf")
+    second = export(checkpoints[1], tmp_path / "hf2", tokenizer=first)
+    assert (second / "tokenizer.model").read_bytes() == (first / "tokenizer.model").read_bytes()
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    for bad, why in ((tmp_path / "empty", "the folder holds no tokenizer.model or tokenizer.json"),
+                     (tmp_path / "missing", "no such file or folder")):
+        assert main(["--checkpoint", str(checkpoints[1]), "--out", str(tmp_path / "hf3"),
+                     "--tokenizer", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0] == f"error: --tokenizer {bad}: {why}", err
+        assert not (tmp_path / "hf3").exists()  # refused before anything was written
+
+
 def test_evaluate_scores_every_next_token_of_the_files(checkpoints, tmp_path):
     """launch/evaluate.py's loss equals the project model's mean token loss over the same
     windows, computed here from the tokenizer and GPT directly."""
