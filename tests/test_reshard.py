@@ -2,12 +2,13 @@
 tiny dense GPT (2 layers, so that PP = 2 puts one on each stage; one case with Leviathan) and
 Ember from the ds_config:
 
-- six source runs of 5 steps save at step 3: DP 2 x ZeRO 2, DP 2 x ZeRO 3, TP 2 (ZeRO 1),
-  PP 2 (ZeRO 1), one rank without ZeRO, and TP 2 with Leviathan; the five dense ones give the
-  same losses (one global batch);
+- seven source runs of 5 steps save at step 3: DP 2 x ZeRO 2, DP 2 x ZeRO 3, TP 2 (ZeRO 1),
+  PP 2 (ZeRO 1), TP 2 x PP 2 on 4 ranks (ZeRO 1), one rank without ZeRO, and TP 2 with
+  Leviathan; the six dense ones give the same losses (one global batch);
 - ``train.py --resume`` of a step-3 checkpoint at another shape converts it (DP 2 -> 1,
   ZeRO 2 -> 3 with the optimizer offloaded to the CPU, ZeRO 3 -> 1, TP 2 -> 1 with DP 1 -> 2
-  (dense and Leviathan), TP 1 -> 2, PP 2 -> 1 onto one rank without ZeRO, PP 1 -> 2) and its
+  (dense and Leviathan), TP 1 -> 2, PP 2 -> 1 onto one rank without ZeRO, PP 1 -> 2, and
+  TP 2 x PP 2 -> one rank, which checks DeepSpeed's model-parallel file numbering) and its
   losses, final weights and final Ember state equal those of a plain single-process
   continuation: models.gpt.GPT and ember_ds.Ember, no DeepSpeed, loaded from the checkpoint's
   consolidated fp32 weights and optimizer state and stepped on the same batches;
@@ -46,14 +47,17 @@ SHAPES = {
                                             "--ds", "gradient_accumulation_steps=2"]),
     "tp2-z1": (2, "ember_zero1_fp32.json", ["--tp", "2", "--ds", "gradient_accumulation_steps=2"]),
     "pp2-z1": (2, "ember_zero1_fp32.json", ["--pp", "2", "--ds", "gradient_accumulation_steps=2"]),
+    "tp2-pp2-z1": (4, "ember_zero1_fp32.json", ["--tp", "2", "--pp", "2",
+                                                "--ds", "gradient_accumulation_steps=2"]),
     "tp2-z1-leviathan": (2, "ember_zero1_fp32.json", ["--tp", "2", "--embedding", "leviathan",
                                                       "--ds", "gradient_accumulation_steps=2"]),
     "dp2-z2-leviathan": (2, "ember_zero2_fp32.json", ["--embedding", "leviathan"]),
 }
-SOURCES = ("dp2-z2", "dp2-z3", "tp2-z1", "pp2-z1", "dp1-z0", "tp2-z1-leviathan")
+SOURCES = ("dp2-z2", "dp2-z3", "tp2-z1", "pp2-z1", "tp2-pp2-z1", "dp1-z0", "tp2-z1-leviathan")
 CHANGES = [("dp2-z2", "dp1-z2"), ("dp2-z2", "dp2-z3-offload"), ("dp2-z3", "dp2-z1"),
            ("tp2-z1", "dp2-z2"), ("dp1-z0", "tp2-z1"),
-           ("pp2-z1", "dp1-z0"), ("dp1-z0", "pp2-z1"), ("tp2-z1-leviathan", "dp2-z2-leviathan")]
+           ("pp2-z1", "dp1-z0"), ("dp1-z0", "pp2-z1"), ("tp2-pp2-z1", "dp1-z0"),
+           ("tp2-z1-leviathan", "dp2-z2-leviathan")]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +167,7 @@ def test_consolidated_weights_equal_the_module_files(sources, tmp_path):
     from launch.consolidate import join, shard_state_dicts
     from launch.reshard import read_universal
     from models.gpt import GPT
-    for shape in ("dp2-z2", "tp2-z1", "pp2-z1", "dp1-z0"):
+    for shape in ("dp2-z2", "tp2-z1", "pp2-z1", "tp2-pp2-z1", "dp1-z0"):
         folder, tmp = sources[shape][0], tmp_path
         state = read_universal(folder)
         ts = json.loads((folder / "train_state.json").read_text())
