@@ -23,15 +23,25 @@
 # torch there first: README, "Install"); PYTHON overrides the interpreter.
 #
 # Options: --dry-run (alias --cpu-smoke): CPU, tiny sizes, the Triton kernels under the
-# interpreter, the quick start skipped. --out DIR (default bench/results). --only a,b (a subset
-# of the step names above). -h / --help.
+# interpreter, the quick start skipped. --out DIR (default bench/results). --logs DIR (the logs
+# and each step's JSON; default DIR/gpu_check_<UTC stamp>). --only a,b (a subset of the step
+# names above). -h / --help.
+#
+# On a lent machine that starts bare (no DeepSpeed or megatron-core, no package index, Python
+# maybe named python3 only): run `bash bench/gpu_wheels.sh` here first (it fills .whl/, which
+# the machine receives when the call carries it); this script installs those wheels into
+# /tmp/site when the imports it needs fail, and answers `python` with the interpreter it uses.
+# With the device tool, one call (results back through $OUT, the logs packed into one file):
+#   run(carry=[".whl"], timeout_s=600, command='bash bench/gpu_check.sh --out "$OUT"
+#       --logs /tmp/gc; tar czf "$OUT/gpu_check_logs.tgz" --exclude=checkpoints -C /tmp gc')
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY=0
 OUT=bench/results
+LOGS=""
 ONLY=""
 STEPS="triton_ember triton_leviathan ember leviathan peers quickstart"
 while [ $# -gt 0 ]; do
@@ -41,6 +51,8 @@ while [ $# -gt 0 ]; do
     --out=*) OUT=${1#--out=} ;;
     --only) [ $# -ge 2 ] || { echo "gpu_check: --only needs step names" >&2; exit 2; }; ONLY=$2; shift ;;
     --only=*) ONLY=${1#--only=} ;;
+    --logs) [ $# -ge 2 ] || { echo "gpu_check: --logs needs a folder" >&2; exit 2; }; LOGS=$2; shift ;;
+    --logs=*) LOGS=${1#--logs=} ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -50,7 +62,14 @@ for s in ${ONLY//,/ }; do
   case " $STEPS " in *" $s "*) ;; *) echo "gpu_check: unknown step '$s' (steps: $STEPS)" >&2; exit 2 ;; esac
 done
 
-PY=${PYTHON:-python}
+# A bare GPU machine may call its Python python3 only: the steps (and launch/quickstart.sh)
+# say "python", so a shim on PATH points that name at the interpreter used here.
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+if ! command -v python > /dev/null; then
+  SHIM=$(mktemp -d)
+  ln -s "$(command -v "$PY")" "$SHIM/python"
+  export PATH="$SHIM:$PATH"
+fi
 export PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
@@ -63,9 +82,25 @@ else
     exit 3
   fi
 fi
+# What a bare machine lacks (DeepSpeed, megatron-core, hjson, pydantic): the wheels that
+# bench/gpu_wheels.sh put into .whl/ (GPU_WHEELS) beforehand, installed into /tmp/site (GPU_SITE)
+# for this run; GPU_CHECK_IMPORTS replaces the import line that decides it.
+NEEDED=${GPU_CHECK_IMPORTS:-"import deepspeed, megatron.core, hjson, pydantic, sentencepiece, transformers, triton"}
+WHEELS=${GPU_WHEELS:-.whl}
+if ! "$PY" -c "$NEEDED" > /dev/null 2>&1 && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  SITE=${GPU_SITE:-/tmp/site}
+  echo "[gpu_check] installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS/ into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$WHEELS"/*.whl || { echo "gpu_check: installing $WHEELS/ failed" >&2; exit 3; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
+fi
+if ! MISSING=$("$PY" -c "$NEEDED" 2>&1 > /dev/null); then
+  echo "gpu_check: $PY cannot import what the checks need ($(echo "$MISSING" | tail -1)); on a machine without a package index run 'bash bench/gpu_wheels.sh' where pip works and carry .whl/" >&2
+  exit 3
+fi
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-RUN="$OUT/gpu_check_$STAMP"
+RUN=${LOGS:-"$OUT/gpu_check_$STAMP"}
 mkdir -p "$RUN"
 : > "$RUN/steps.tsv"
 DEADLINE=$(( $(date +%s) + 470 ))   # 8 minutes in all, with room for the summary

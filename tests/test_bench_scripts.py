@@ -36,8 +36,29 @@ def test_refuses_without_a_gpu():
     assert proc.returncode == 3 and "--dry-run" in proc.stderr, proc.stderr
 
 
+def _bare_path(tmp_path) -> str:
+    """A PATH like a bare GPU machine's: the usual tools and a python3, no ``python``."""
+    import shutil
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "sh", "env", "date", "mkdir", "mktemp", "ln", "ls", "wc", "tail", "grep",
+                 "sed", "cat", "timeout", "dirname", "rm", "c++", "g++"):
+        found = shutil.which(tool)
+        if found:
+            (bindir / tool).symlink_to(found)
+    (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bindir / "python3").chmod(0o755)
+    return str(bindir)
+
+
 def test_dry_run_writes_json_and_markdown(tmp_path):
-    proc = _run("--dry-run", "--only", "ember", "--out", str(tmp_path))
+    """On a PATH with python3 but no python (PYTHON unset): the script answers ``python`` with
+    python3 itself; --logs puts the logs apart from the results."""
+    env = dict(os.environ, PATH=_bare_path(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("PYTHON", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "ember", "--out",
+                           str(tmp_path), "--logs", str(tmp_path / "logs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     date = time.strftime("%Y-%m-%d", time.gmtime())
     base = tmp_path / f"gpu_check_cpu_dry_run_{date}"
@@ -52,7 +73,20 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     assert [r["table"] for r in rows] == ["512x64", "1000x96"]
     assert all(r["ember_ms"] > 0 and r["target"] == 0.7 for r in rows)
     run = Path(result["run_folder"])
+    assert run == tmp_path / "logs"
     assert (run / "ember.json").is_file() and (run / "ember.log").is_file()
     md = Path(str(base) + ".md").read_text()
     assert md.startswith(f"# GPU check: cpu (dry run), {date}")
     assert "| ember | ok |" in md and "Ember vs fused AdamW" in md
+
+
+def test_missing_packages_are_named_with_the_fix(tmp_path):
+    """Where an import the checks need fails (and no wheels install it), one line names it and
+    how to bring the wheels."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_IMPORTS="import no_such_module_here",
+               GPU_WHEELS=str(tmp_path))
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "ember"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 3, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "no_such_module_here" in line and "bench/gpu_wheels.sh" in line, line
