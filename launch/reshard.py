@@ -69,7 +69,15 @@ class UniversalState:
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint file, memory-mapped: its tensors stay file pages (shared by every rank of a
+    node that reads the same file, dropped by the kernel under pressure) until a join copies
+    them; copy-on-write, so the file is never changed. Old-format files are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def gpt_names(num_layers: int, pp: int):
@@ -263,8 +271,10 @@ def read_universal(folder, optimizer: bool = True) -> UniversalState:
     else:
         shards = _read_zero0(folder, ts, model_files, tp, optimizer)
 
-    # the TP = 1 model knows how each parameter's shards join (fused blocks, strides)
-    reference = dict(GPT(cfg).named_parameters())
+    # the TP = 1 model knows how each parameter's shards join (fused blocks, strides); built on
+    # the meta device: shapes and partition attributes, no memory
+    with torch.device("meta"):
+        reference = dict(GPT(cfg).named_parameters())
     state = UniversalState(shape=shape)
     V = cfg.vocab_size
     for name, p in reference.items():
