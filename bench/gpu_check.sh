@@ -101,7 +101,7 @@ fi
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RUN=${LOGS:-"$OUT/gpu_check_$STAMP"}
-mkdir -p "$RUN"
+mkdir -p "$RUN" "$OUT"
 : > "$RUN/steps.tsv"
 DEADLINE=$(( $(date +%s) + 470 ))   # 8 minutes in all, with room for the summary
 
