@@ -57,11 +57,11 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     env = dict(os.environ, PATH=_bare_path(tmp_path), OMP_NUM_THREADS="1")
     env.pop("PYTHON", None)
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "ember", "--out",
-                           str(tmp_path), "--logs", str(tmp_path / "logs")], cwd=ROOT,
+                           str(tmp_path / "res"), "--logs", str(tmp_path / "logs")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    base = tmp_path / f"gpu_check_cpu_dry_run_{date}"
+    base = tmp_path / "res" / f"gpu_check_cpu_dry_run_{date}"
     result = json.loads(Path(str(base) + ".json").read_text())
     assert result["device"] == "cpu (dry run)" and result["date"] == date and result["dry_run"]
     steps = result["steps"]
