@@ -331,11 +331,18 @@ class Ember(torch.optim.Optimizer):
                 off += n
 
         # Pass 2: each table's state (replicated), then this rank's elements.
-        factors = {}  # table -> (row factors, column factors), or None: its step is skipped
+        first = {}  # table -> (its group, device), where first met
         for g, tensor, unit in work:
             for t in unit.tables:
-                if t not in factors:
-                    factors[t] = self._table_step(t, g, tensor.device, stats[t][0], extra[t])
+                first.setdefault(t, (g, tensor.device))
+        # on an accelerator, all tables' totals (for the finite check) in one host read
+        totals = {t: extra[t][:self._table_info(t)[1]].sum()
+                  for t, (_, dev) in first.items() if dev.type != "cpu"}
+        if totals:
+            finite = torch.isfinite(torch.stack(list(totals.values()))).tolist()
+            totals = {t: (v, ok) for (t, v), ok in zip(totals.items(), finite)}
+        factors = {t: self._table_step(t, g, dev, stats[t][0], extra[t], totals.get(t))
+                   for t, (g, dev) in first.items()}  # (row, column factors) or None: skipped
         for g, tensor, unit in work:
             lr, eps, wd = g["lr"], g["eps"], g["weight_decay"]
             decay = 1.0 - lr * wd
@@ -350,14 +357,15 @@ class Ember(torch.optim.Optimizer):
                                  _block(tensor.grad, a, nrows, ncols), _span(row_f, row0, nrows),
                                  _span(col_f, col0, ncols), lr, eps, decay)
 
-    def _table_step(self, t: int, g: dict, device, rowsum, extra):
+    def _table_step(self, t: int, g: dict, device, rowsum, extra, checked=None):
         """Table t's state step from its reduced statistics (``extra``: the column sums, then
         the active-row count under normalize="active_rows"): r, c, s and step in place, and the
         update's factors (sqrt(vhat_ij) = row_f[i] * col_f[j]); None when the gradient is not
         finite. Every rank sees the same reduced sums, so every rank decides alike. A NaN or inf
         anywhere in the table reaches its total sum of squares; a total past fp32's range is
         skipped too (s would become inf). On CPU one fused call does it (cpu_fused.state_step),
-        elsewhere the torch ops below, in the same order and rounding."""
+        elsewhere the torch ops below, in the same order and rounding (``checked``: the total
+        and whether it is finite, when the caller read them for several tables at once)."""
         rows, cols, V, _ = self._table_info(t)
         st = self._state(t, rows, cols, device)
         b2, colsum = g["beta2"], extra[:cols]
@@ -369,8 +377,9 @@ class Ember(torch.optim.Optimizer):
                                           row_f, col_f)
         else:
             row_f = col_f = None
-            total = colsum.sum()
-            finite = bool(torch.isfinite(total))
+            total, finite = checked or (colsum.sum(), None)
+            if finite is None:
+                finite = bool(torch.isfinite(total))
         if not finite:
             st["nonfinite_skips"] += 1
             msg = f"Ember: non-finite gradient in token table {table_meta(self._tables[t]).name or t}"
