@@ -23,7 +23,7 @@ bytes per table) stays whole on every rank, so the optimizer state per rank is a
 (2·4·P_adamw) / N + 4·(V+D+1) per table, where P_adamw counts the parameters AdamW updates.
 Prints a table with ratios to dense + AdamW and writes JSON.
 
-    python bench/bench_memory.py                         # tiny and 60m -> bench/results/memory_cpu.json
+    python bench/bench_memory.py                  # tiny and 60m -> bench/results/memory_cpu.json
     python bench/bench_memory.py --presets tiny --out r.json
 """
 from __future__ import annotations

@@ -7,8 +7,8 @@ beyond 256 column partial sums, and the same values (the update bitwise: the sam
 operations in the same order; the sums in a fixed order, so bitwise reproducible for any
 thread count). A third call does a table's state step (r, c, s, the finite check, the
 factors) in place of a dozen small torch ops: after a pass has streamed the table through
-the caches each small op runs cold, and those ops cost about 0.3 ms of a 10 ms step. ``docs/EMBER.md`` ("The CPU path") says why
-C++ and not torch.compile.
+the caches each small op runs cold, and those ops cost about 0.3 ms of a 10 ms step.
+``docs/EMBER.md`` ("The CPU path") says why C++ and not torch.compile.
 
 The library is a plain C ABI (no torch or Python headers), built by one compiler call (about
 a second) the first time a CPU table step runs, and cached per machine under the torch

@@ -23,8 +23,9 @@ Design decisions:
 - State is fp32 and stays fp32 through load_state_dict (torch casts optimizer state to the
   parameter dtype; Ember keeps its table state out of torch's path).
 - A non-finite gradient anywhere in a table, or squares that sum past fp32's range (detected
-  on the reduced total, so every rank agrees), skips that table's step: weights and state untouched, counted in
-  ``nonfinite_skips``, with a warning; ``nonfinite="raise"`` raises instead.
+  on the reduced total, so every rank agrees), skips that table's step: weights and state
+  untouched, counted in ``nonfinite_skips``, with a warning; ``nonfinite="raise"`` raises
+  instead.
 """
 from __future__ import annotations
 
@@ -382,7 +383,8 @@ class Ember(torch.optim.Optimizer):
                 finite = bool(torch.isfinite(total))
         if not finite:
             st["nonfinite_skips"] += 1
-            msg = f"Ember: non-finite gradient in token table {table_meta(self._tables[t]).name or t}"
+            name = table_meta(self._tables[t]).name or t
+            msg = f"Ember: non-finite gradient in token table {name}"
             if self.nonfinite == "raise":
                 raise FloatingPointError(msg)
             warnings.warn(msg + "; its step was skipped (weights and state unchanged)")

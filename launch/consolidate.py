@@ -41,6 +41,11 @@ def checkpoint_folder(path) -> Path:
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
+def _tokenizer_in(folder: Path):
+    """The first of TOKENIZER_FILES in ``folder``, or None."""
+    return next((folder / n for n in TOKENIZER_FILES if (folder / n).is_file()), None)
+
+
 def find_tokenizer(path, given=None) -> Path:
     """The tokenizer train.py keeps beside its checkpoints (the --save folder), or an export
     folder's copy; ``given`` (a file, or a folder holding one) wins."""
@@ -50,16 +55,16 @@ def find_tokenizer(path, given=None) -> Path:
             return given
         if not given.is_dir():
             raise FileNotFoundError(f"--tokenizer {given}: no such file or folder")
-        found = [given / n for n in TOKENIZER_FILES if (given / n).is_file()]
-        if not found:
+        found = _tokenizer_in(given)
+        if found is None:
             raise FileNotFoundError(f"--tokenizer {given}: the folder holds no tokenizer.model "
                                     f"or tokenizer.json")
-        return found[0]
+        return found
     path = Path(path)
     for folder in (path, path.parent, path.parent.parent):
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                return folder / name
+        found = _tokenizer_in(folder)
+        if found is not None:
+            return found
     raise FileNotFoundError(f"no tokenizer next to {path} (tokenizer.model / tokenizer.json); "
                             f"give --tokenizer")
 

@@ -354,14 +354,16 @@ int ember_state(float* r, float* c, float* s, const float* rowsum, const float* 
   if (!std::isfinite(total)) return 1;
   const float fb2 = static_cast<float>(b2), far = static_cast<float>(ar),
               f1 = static_cast<float>(one_m_b2), fdc = static_cast<float>(denom_c);
-  for (int64_t i = 0; i < rows; ++i) r[i] = std::fma(rowsum[i], far, r[i] * fb2);
   for (int64_t j = 0; j < cols; ++j) {
     c[j] = std::fma(colsum[j] / fdc, f1, c[j] * fb2);
     col_f[j] = std::sqrt(c[j]);
   }
-  s[0] = std::fma(total / static_cast<float>(vd), f1, s[0] * fb2);
+  s[0] = std::fma(total / static_cast<float>(vd), f1, s[0] * fb2);  // s needs only the total,
   const float den = (s[0] < 1e-30f ? 1e-30f : s[0]) * static_cast<float>(bc);  // clamp_min
-  for (int64_t i = 0; i < rows; ++i) row_f[i] = std::sqrt(r[i] / den);
+  for (int64_t i = 0; i < rows; ++i) {  // so r and its factors take one pass over the rows
+    r[i] = std::fma(rowsum[i], far, r[i] * fb2);
+    row_f[i] = std::sqrt(r[i] / den);
+  }
   return 0;
 }
 
