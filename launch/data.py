@@ -675,17 +675,88 @@ def _build(files: Sequence[Path], settings: DataSettings, out: Path, log) -> dic
             "tokenizer_kind": tok.kind, "workers": workers, "digest": h.hexdigest()}
 
 
+# SentencePiece's trainer skips every sentence longer than its max_sentence_length (4192 bytes
+# of UTF-8 by default) and stops with "[!sentences_.empty()]" when it skipped them all.
+SP_MAX_SENTENCE = 4192
+_SENTENCE_ENDS = (b". ", b"! ", b"? ", b"; ", b"\xe3\x80\x82")     # the last one: CJK full stop
+
+
+def training_pieces(line: str, limit: int = SP_MAX_SENTENCE) -> Iterator[str]:
+    """``line`` cut into pieces of at most ``limit`` UTF-8 bytes for tokenizer training (a line
+    within the limit is yielded as it is): each cut is at the last sentence end in the second
+    half of the remaining window, else at its last space or tab (dropped), else at the last
+    character boundary. Tokenization itself takes documents of any length; only the trainer
+    has a limit."""
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        yield line
+        return
+    pos, n = 0, len(data)
+    while n - pos > limit:
+        end = pos + limit
+        cut = max(data.rfind(e, pos + limit // 2, end) for e in _SENTENCE_ENDS)
+        if cut >= 0:
+            cut += 3 if data[cut] == 0xE3 else 1       # keep the full stop, drop the space
+            skip = 0 if data[cut - 1] == 0x82 else 1
+        else:
+            cut = max(data.rfind(b" ", pos + 1, end + 1), data.rfind(b"\t", pos + 1, end + 1))
+            skip = 1
+            if cut < 0:                                # no whitespace: a character boundary
+                cut = end
+                while data[cut] & 0xC0 == 0x80:
+                    cut -= 1
+                skip = 0
+        piece = data[pos:cut].decode("utf-8")
+        if piece.strip():
+            yield piece
+        pos = cut + skip
+    if data[pos:].strip():
+        yield data[pos:].decode("utf-8")
+
+
+def _sentencepiece_failure(e: BaseException, settings: DataSettings, n_files: int,
+                           stats: dict) -> DataError:
+    """SentencePiece's error as one line naming the cause (its own text is an assertion)."""
+    text = " ".join(str(e).split())
+    what = (f"training the SentencePiece tokenizer (vocab {settings.vocab_size}, "
+            f"{settings.tokenizer_type}) on {n_files} file(s) failed")
+    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
+                  text)
+    if m:
+        return DataError(f"{what}: the training text ({stats['lines']:,} lines, "
+                         f"{stats['chars']:,} characters) holds too few distinct pieces for "
+                         f"--vocab-size {m.group(1)}; the most it supports is {m.group(2)}: give "
+                         "a smaller --vocab-size or more text")
+    if "sentences_.empty()" in text or "all_chars_count" in text:
+        return DataError(f"{what}: SentencePiece kept none of the {stats['lines']:,} training "
+                         f"lines ({stats['chars']:,} characters of the train documents; none is "
+                         f"over its {SP_MAX_SENTENCE}-byte sentence limit: longer lines are "
+                         "split); the text may hold only characters it drops (control "
+                         "characters, whitespace)")
+    text = re.sub(r"^[A-Z_]+: \S+\.cc\(\d+\) ", "", text)
+    return DataError(f"{what}: {text[:400]}")
+
+
 def _train_sentencepiece(files, settings: DataSettings, is_val, model_path: Path) -> None:
     """SentencePiece trained on the train documents' lines, deterministically (a sample of at
-    most 2 M lines is held in memory)."""
+    most 2 M lines is held in memory). Lines over SentencePiece's sentence limit are cut into
+    pieces under it (``training_pieces``), so documents of any length train it."""
     import sentencepiece as spm
+    stats = {"lines": 0, "chars": 0, "split": 0}
 
     def lines():
         for i, doc in enumerate(iter_documents(files, settings.jsonl_key)):
             if not is_val[i]:
                 for line in doc.split("\n"):
                     if line.strip():
-                        yield line
+                        stats["lines"] += 1
+                        stats["chars"] += len(line)
+                        if len(line) * 4 <= SP_MAX_SENTENCE:   # surely within (<= 4 B a char)
+                            yield line
+                            continue
+                        pieces = list(training_pieces(line))
+                        stats["split"] += len(pieces) > 1
+                        yield from pieces
     spm.set_random_generator_seed(settings.split_seed)
     buf = io.BytesIO()
     try:
@@ -696,9 +767,7 @@ def _train_sentencepiece(files, settings: DataSettings, is_val, model_path: Path
             pad_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
             num_threads=1, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"training the SentencePiece tokenizer (vocab {settings.vocab_size}, "
-                        f"{settings.tokenizer_type}) on {len(files)} file(s) failed: {e}. "
-                        "A smaller --vocab-size or more text usually fixes this.") from e
+        raise _sentencepiece_failure(e, settings, len(files), stats) from None
     model_path.write_bytes(buf.getvalue())
 
 
