@@ -209,25 +209,28 @@ class RMSNorm(nn.Module):
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
         if _apex_rms_norm is not None and x.is_cuda:
             return _apex_rms_norm(x, w, (x.shape[-1],), self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * w.float()).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * w, computed in fp32 and rounded once to x's dtype:
+        # one fused kernel on CUDA (no fp32 copy of x in a bf16 run; it needs w in x's dtype),
+        # the same fp32 ops as written out here on CPU, decomposed and fused under compile
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), self.eps)
 
 
-def rope_tables(seq_length: int, head_dim: int, base: float):
-    """cos, sin [s, 1, 1, head_dim] for rotate-half rotary embeddings (LLaMA / GPT-NeoX)."""
+def rope_tables(seq_length: int, head_dim: int, base: float, dtype=torch.float32):
+    """cos, sin [s, 1, 1, head_dim] for rotate-half rotary embeddings (LLaMA / GPT-NeoX): the
+    angles in float64, cos and sin rounded once to ``dtype``, the model's compute dtype."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: [s, b, heads, head_dim]."""
+    """x: [s, b, heads, head_dim], rotated in its own dtype (as Hugging Face's LLaMA does; a
+    bf16 run makes no fp32 copy of q and k). The tables are cast only if they differ."""
     s = x.shape[0]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos[:s] + rotated * sin[:s]).to(x.dtype)
+    cos, sin = cos[:s].to(x.dtype), sin[:s].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -362,7 +365,7 @@ class GPT(nn.Module):
                             self.sequence_parallel, self.tp_group)
         self.lm_head = column_parallel(cfg.hidden_size, self.padded_vocab, mcfg, self.tp_group)
         self._mark_table(self.lm_head.weight, "lm_head.weight")
-        cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_base)
+        cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_base, cfg.params_dtype)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
