@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_fused
+from . import cpu_fused, triton_kernels
 
 CHUNK_ELEMS = 1 << 20      # at most 4 MiB of fp32 temporaries per chunk
 MIN_CHUNK_ELEMS = 1 << 16  # small tables: few chunks (per-op overhead), 256 KiB at most
@@ -27,28 +27,36 @@ def _chunk_rows(rows: int, cols: int) -> int:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
-    from . import triton_kernels
-    return triton_kernels.available()
+    return t.is_cuda and triton_kernels.available()
 
 
 def piece_stats(g: torch.Tensor, rowsum: torch.Tensor, colsum: torch.Tensor,
-                rownz: torch.Tensor | None = None) -> None:
-    """Add sum_j g_ij^2 into ``rowsum`` [rows] and sum_i g_ij^2 into ``colsum`` [cols] (fp32).
+                rownz: torch.Tensor | None = None, overwrite: bool = False) -> None:
+    """Add sum_j g_ij^2 into ``rowsum`` [rows] and sum_i g_ij^2 into ``colsum`` [cols] (fp32);
+    ``overwrite``: store them instead (the caller's buffer need not be zeroed).
     With ``rownz`` [rows], also add each row's count of nonzero gradients: a row is active
     when any |g| > 0, which a sum of squares cannot tell once g*g underflows."""
+    if overwrite and (g.numel() == 0 or rownz is not None):
+        rowsum.zero_()
+        colsum.zero_()
+        overwrite = False
     if g.numel() == 0:
         return
-    if cpu_fused.use_for_stats(g, rowsum, colsum, rownz):
+    device_step = triton_kernels.device_step_enabled(g)
+    if not device_step and cpu_fused.use_for_stats(g, rowsum, colsum, rownz):
+        if overwrite:
+            rowsum.zero_()
+            colsum.zero_()
         return cpu_fused.piece_stats(g, rowsum, colsum, rownz)
     if rownz is not None:
         step = _chunk_rows(*g.shape)
         for r0 in range(0, g.shape[0], step):
             rownz[r0:r0 + step] += torch.count_nonzero(g[r0:r0 + step], dim=1)
-    if _use_triton(g):
-        from .triton_kernels import piece_stats_triton
-        return piece_stats_triton(g, rowsum, colsum)
+    if device_step or _use_triton(g):
+        return triton_kernels.piece_stats_triton(g, rowsum, colsum, overwrite=overwrite)
+    if overwrite:
+        rowsum.zero_()
+        colsum.zero_()
     rows, cols = g.shape
     step = _chunk_rows(rows, cols)
     # one fp32 chunk buffer for the whole call, filled with out= ops: a fresh chunk-sized

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .comm import StatComm
-from . import cpu_fused
+from . import cpu_fused, triton_kernels
 from .factored import piece_stats, piece_update
 from .layout import Unit, pieces, units_from_wrapper, whole_unit
 from .tables import _shape, is_token_table, mark_token_table, table_meta, tag_module_tables
@@ -154,8 +154,10 @@ class Ember(torch.optim.Optimizer):
         return list(self._tables)
 
     def table_state(self, index: int = 0) -> dict:
-        """The fp32 state of table ``index``: r (rows), c (cols), s, step, nonfinite_skips."""
-        return self._table_state.get(index, {})
+        """The fp32 state of table ``index``: r (rows), c (cols), s, step, nonfinite_skips
+        (on the device path the counts are read back from the device here)."""
+        st = self._table_state.get(index)
+        return {} if st is None else self._host_counts(st)
 
     def summary(self, zero_stage: Optional[int] = None, dp_size: int = 1) -> str:
         """A short table: the parameters Ember factors (name, global shape, how their rows are
@@ -259,6 +261,7 @@ class Ember(torch.optim.Optimizer):
                       step=0, nonfinite_skips=0)
             self._table_state[t] = st
         elif st["r"].device != torch.device(device):
+            self._host_counts(st).pop("aux", None)   # counts back on the host first
             for key in ("r", "c", "s"):
                 st[key] = st[key].to(device)
         return st
@@ -286,11 +289,19 @@ class Ember(torch.optim.Optimizer):
         # group (one buffer per stepped tensor: rows + cols floats per table, and rows more
         # nonzero counts for a table normalised by its active rows).
         stats = {}  # table -> (rowsum, colsum, rownz or None)
+        on_device = {}  # table -> whether its step runs on the device path (no host read)
         for g, tensor, unit in work:
             sizes = [self._table_info(t)[:2] for t in unit.tables]
             nz = g["normalize"] == "active_rows"
-            buf = torch.zeros(sum((2 if nz else 1) * r + c for r, c in sizes),
-                              dtype=torch.float32, device=tensor.device)
+            dev = triton_kernels.device_step_enabled(tensor)
+            for t in unit.tables:
+                on_device[t] = dev
+            # a whole table in one piece on the device path: the stats kernel stores its sums,
+            # so the buffer needs no zeroing (one launch less)
+            whole = dev and not nz and _whole_table(unit, tensor, sizes)
+            buf = (torch.empty if whole else torch.zeros)(
+                sum((2 if nz else 1) * r + c for r, c in sizes), dtype=torch.float32,
+                device=tensor.device)
             views, off = {}, 0
             for t, (rows, cols) in zip(unit.tables, sizes):
                 views[t] = (buf[off:off + rows], buf[off + rows:off + rows + cols],
@@ -302,7 +313,8 @@ class Ember(torch.optim.Optimizer):
                 for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
                     gv = _block(tensor.grad, seg.start_in_tensor + o, nrows, ncols)
                     piece_stats(gv, _span(rowsum, row0, nrows), _span(colsum, col0, ncols),
-                                None if rownz is None else _span(rownz, row0, nrows))
+                                None if rownz is None else _span(rownz, row0, nrows),
+                                overwrite=whole)
             self._comm.all_reduce(buf, unit.group)
             stats.update(views)
 
@@ -336,27 +348,97 @@ class Ember(torch.optim.Optimizer):
         for g, tensor, unit in work:
             for t in unit.tables:
                 first.setdefault(t, (g, tensor.device))
-        # on an accelerator, all tables' totals (for the finite check) in one host read
+        device_tables = [t for t in first if on_device[t]]
+        for t in device_tables:
+            self._device_table_step(t, first[t][0], first[t][1], stats[t][0], extra[t])
+        if device_tables and self.nonfinite == "raise":
+            self._raise_if_skipped(device_tables)   # the one host read "raise" asks for
+        # elsewhere on an accelerator, all tables' totals (finite check) in one host read
         totals = {t: extra[t][:self._table_info(t)[1]].sum()
-                  for t, (_, dev) in first.items() if dev.type != "cpu"}
+                  for t, (_, dev) in first.items() if dev.type != "cpu" and not on_device[t]}
         if totals:
             finite = torch.isfinite(torch.stack(list(totals.values()))).tolist()
             totals = {t: (v, ok) for (t, v), ok in zip(totals.items(), finite)}
         factors = {t: self._table_step(t, g, dev, stats[t][0], extra[t], totals.get(t))
-                   for t, (g, dev) in first.items()}  # (row, column factors) or None: skipped
+                   for t, (g, dev) in first.items()
+                   if not on_device[t]}  # (row, column factors) or None: skipped
         for g, tensor, unit in work:
             lr, eps, wd = g["lr"], g["eps"], g["weight_decay"]
             decay = 1.0 - lr * wd
             for seg in unit.segments:
+                cols = self._table_info(seg.table)[1]
+                if on_device[seg.table]:  # factors made in the kernel; skipped there
+                    st = self._table_state[seg.table]
+                    for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length,
+                                                              cols):
+                        a = seg.start_in_tensor + o
+                        triton_kernels.piece_update_factored(
+                            _block(tensor, a, nrows, ncols), _block(tensor.grad, a, nrows, ncols),
+                            _span(st["r"], row0, nrows), _span(st["c"], col0, ncols), st,
+                            lr, eps, decay)
+                    continue
                 if factors[seg.table] is None:
                     continue
                 row_f, col_f = factors[seg.table]
-                cols = self._table_info(seg.table)[1]
                 for row0, nrows, col0, ncols, o in pieces(seg.start_in_table, seg.length, cols):
                     a = seg.start_in_tensor + o
                     piece_update(_block(tensor, a, nrows, ncols),
                                  _block(tensor.grad, a, nrows, ncols), _span(row_f, row0, nrows),
                                  _span(col_f, col0, ncols), lr, eps, decay)
+
+    def _device_table_step(self, t: int, g: dict, device, rowsum, extra) -> None:
+        """Table t's state step on the device path: one kernel, no host read. The finite
+        check is the state kernel's (on the reduced total, so every rank decides alike); a
+        skipped step leaves weights and state unchanged and is counted on the device, and
+        reaches the host when asked (check_nonfinite, table_state, state_dict)."""
+        rows, cols, V, _ = self._table_info(t)
+        st = self._state(t, rows, cols, device)
+        b2 = g["beta2"]
+        if "aux" not in st:   # first device step (or after a load): counts from the host
+            st["aux"] = torch.tensor([st["step"], st["nonfinite_skips"], 0.0, b2],
+                                     dtype=torch.float64, device=device)
+            st["aux_beta2"] = b2
+        elif st["aux_beta2"] != b2:
+            st["aux"][3].fill_(b2)
+            st["aux_beta2"] = b2
+        active = g["normalize"] == "active_rows"
+        triton_kernels.state_step_triton(st, rowsum, extra[:cols],
+                                         extra[cols:cols + 1] if active else None, b2, V)
+
+    def _raise_if_skipped(self, tables) -> None:
+        flags = torch.stack([self._table_state[t]["aux"][2] for t in tables]).tolist()
+        bad = [t for t, f in zip(tables, flags) if f]
+        if bad:
+            self.check_nonfinite(warn=False)
+            name = table_meta(self._tables[bad[0]]).name or bad[0]
+            raise FloatingPointError(f"Ember: non-finite gradient in token table {name}")
+
+    def check_nonfinite(self, warn: bool = True) -> int:
+        """How many table steps were skipped for a non-finite gradient since the last call
+        (one host read of the device counters; on CPU the counts are already on the host),
+        with one warning naming the tables when ``warn``. A training loop calls it when it
+        wants to know (train.py: every logged step); step() itself never reads the device."""
+        new = []
+        for t, st in self._table_state.items():
+            total = self._host_counts(st)["nonfinite_skips"]
+            seen = st.get("reported_skips", 0)
+            if total > seen:
+                new.append((t, total - seen))
+                st["reported_skips"] = total
+        if new and warn:
+            names = ", ".join(f"{table_meta(self._tables[t]).name or t} ({n})" for t, n in new)
+            warnings.warn(f"Ember: non-finite gradient in token table(s) {names}; those steps "
+                          "were skipped (weights and state unchanged)")
+        return sum(n for _, n in new)
+
+    @staticmethod
+    def _host_counts(st: dict) -> dict:
+        """st with its step and skip counts read back from the device counters, if any."""
+        aux = st.get("aux")
+        if aux is not None:
+            step, skips = aux[:2].tolist()
+            st["step"], st["nonfinite_skips"] = int(step), int(skips)
+        return st
 
     def _table_step(self, t: int, g: dict, device, rowsum, extra, checked=None):
         """Table t's state step from its reduced statistics (``extra``: the column sums, then
@@ -383,6 +465,7 @@ class Ember(torch.optim.Optimizer):
                 finite = bool(torch.isfinite(total))
         if not finite:
             st["nonfinite_skips"] += 1
+            st["reported_skips"] = st["nonfinite_skips"]   # warned (or raised) here
             name = table_meta(self._tables[t]).name or t
             msg = f"Ember: non-finite gradient in token table {name}"
             if self.nonfinite == "raise":
@@ -413,6 +496,8 @@ class Ember(torch.optim.Optimizer):
         for t in range(len(self._tables)):
             rows, cols, V, meta = self._table_info(t)
             st = self._table_state.get(t)
+            if st is not None:
+                self._host_counts(st)
             tables.append(dict(name=meta.name, shape=[rows, cols], global_rows=V,
                                row_offset=meta.row_offset,
                                state=None if st is None else dict(
@@ -465,6 +550,14 @@ class Ember(torch.optim.Optimizer):
                                step=int(st["step"]),
                                nonfinite_skips=int(st.get("nonfinite_skips", 0)))
         return restored
+
+
+def _whole_table(unit: Unit, tensor: torch.Tensor, sizes) -> bool:
+    """Whether ``unit`` is one whole table held by ``tensor`` (a single piece)."""
+    if len(unit.segments) != 1 or len(sizes) != 1:
+        return False
+    seg, (rows, cols) = unit.segments[0], sizes[0]
+    return seg.start_in_table == 0 and seg.length == rows * cols == tensor.numel()
 
 
 def _block(t: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
