@@ -66,3 +66,24 @@ def test_ds_config_mistakes_are_one_line_errors_naming_the_fix(results):
 def test_type_is_case_insensitive_and_betas_are_the_body_betas(results):
     assert results[0]["lowercase_type"] == "Ember"
     assert results[0]["betas"] == [0.8, 0.9]
+
+
+DEVICE_STAGES = ["1:fp32", "2:fp32", "3:fp32", "2:bf16"]
+
+
+@pytest.mark.dist
+def test_device_path_under_zero_matches_reference(tmp_path):
+    """The accelerator's table step (EMBER_DS_DEVICE_STEP=1: stats, state and update
+    kernels under the Triton interpreter, no host read) inside the same ZeRO engines: the
+    partition pieces, the all-reduce and the resume give the single-process reference too."""
+    from tests.conftest import torchrun
+    res = torchrun("ember_zero.py", 2, *DEVICE_STAGES, tmp_path=tmp_path, timeout=600,
+                   env={"EMBER_DS_DEVICE_STEP": "1", "TRITON_INTERPRET": "1"})
+    for spec in DEVICE_STAGES:
+        r0, r1 = res[0][spec], res[1][spec]
+        tol = 1e-5 if "fp32" in spec else 3e-2
+        assert all(err < tol for err in r0["errs"].values()), (spec, r0["errs"])
+        assert r0["step"] == 5 and r0["cut_rows"] + r1["cut_rows"] > 0
+        assert r0["r_sum"] == r1["r_sum"] and r0["c_sum"] == r1["c_sum"]
+        if "resume" in r0:
+            assert r0["resume"]["tail"] == r0["resume"]["tail_resumed"]

@@ -32,3 +32,11 @@ def zero_results(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
 def test_tp2_dp2_zero(zero_results, mode):
     check([r[mode] for r in zero_results], 4)
+
+
+@pytest.mark.dist
+def test_tp2_device_path(run_dist):
+    """The accelerator's table step (stats, state, update kernels under the interpreter, no
+    host read) on vocab-parallel tables: the column sums' all-reduce over the row group."""
+    env = {"EMBER_DS_DEVICE_STEP": "1", "TRITON_INTERPRET": "1"}
+    check([r["plain"] for r in run_dist("ember_tp.py", 2, "plain", env=env)], 2)
