@@ -373,6 +373,11 @@ class Trainer:
                 flags[0] += loss.detach().double()
         gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         gn = float(gn) if gn is not None else None
+        # Ember's device step never reads the device: its skipped tables (and the warning)
+        # reach the host here, after the grad-norm read has waited for the step anyway
+        check = getattr(getattr(engine, "basic_optimizer", None), "check_nonfinite", None)
+        if check is not None:
+            check()
         # fp16's loss scaler skips overflowing steps by design; elsewhere a skip means trouble
         if self.plan["precision"] != "fp16" and (
                 getattr(engine, "skipped_steps", 0) > skipped_before
