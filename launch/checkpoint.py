@@ -86,29 +86,68 @@ def finite_losses(state: dict) -> bool:
     return all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in vals)
 
 
-def candidates(root) -> list[Path]:
-    """Complete checkpoint folders under ``root``, newest first: the one ``latest`` names, then
-    the others by step. ``.tmp-*`` (a kill during a save) and ``corrupt-*`` never count."""
+def _is_step_folder(path: Path) -> bool:
+    """A folder named for a step, or one holding a step's own files (a renamed copy)."""
+    return bool(TAG_RE.match(path.name)) or (path / TRAIN_STATE).is_file() \
+        or (path / MANIFEST).is_file()
+
+
+def _latest_tag(root: Path) -> str:
+    try:
+        return (root / "latest").read_text().strip()
+    except OSError:
+        return ""
+
+
+def scan(root) -> list[tuple[Path, Optional[str]]]:
+    """Every step folder of ``root`` in the order a resume tries them: the one ``latest`` names,
+    then the others by step, newest first; each with None (complete) or why it cannot be used
+    (``latest`` naming a folder that is not there, a step folder without its manifest). ``root``
+    may also be one step folder. ``.tmp-*`` (a kill during a save) and ``corrupt-*`` never
+    count."""
     root = Path(root)
     if not root.is_dir():
         return []
-    if TAG_RE.match(root.name) and _complete(root):         # --resume DIR/step00000400
-        return [root]
-    found = sorted((p for p in root.iterdir()
-                    if p.is_dir() and TAG_RE.match(p.name) and _complete(p)),
+
+    def why(folder: Path) -> Optional[str]:
+        return None if _complete(folder) else (
+            f"is incomplete (no {MANIFEST}: a save or copy that did not finish)")
+    if _is_step_folder(root):                                  # --resume DIR/step00000400
+        return [(root, why(root))]
+    found = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
                    key=lambda p: int(TAG_RE.match(p.name).group(1)), reverse=True)
-    try:
-        tag = (root / "latest").read_text().strip()
-    except OSError:
-        tag = ""
+    tag = _latest_tag(root)
     named = [p for p in found if p.name == tag]
-    return named + [p for p in found if p.name != tag]
+    gone = []
+    if tag and not named:
+        gone = [(root / tag, f"is named by {root / 'latest'} but "
+                 + ("is not there (deleted?)" if not (root / tag).exists() else
+                    "is not a step folder of launch/train.py"))]
+    return gone + [(p, why(p)) for p in named + [p for p in found if p.name != tag]]
+
+
+def candidates(root) -> list[Path]:
+    """Complete checkpoint folders under ``root``, newest first: the one ``latest`` names, then
+    the others by step (``scan``'s order, without the unusable ones)."""
+    return [p for p, why in scan(root) if why is None]
 
 
 def find_checkpoint(root) -> Optional[tuple[str, Path]]:
     """(tag, folder) of the newest complete checkpoint (not verified; see Checkpointer.choose)."""
     c = candidates(root)
     return (c[0].name, c[0]) if c else None
+
+
+def open_checkpoint(path, log: Callable[[str], None] = print,
+                    flag: str = "--checkpoint") -> Path:
+    """The step folder a reader of checkpoints uses (launch/export.py, generate.py,
+    evaluate.py, consolidate.py, reshard.py): chosen and verified against its manifest exactly
+    as ``train.py --resume`` chooses (Checkpointer.choose: the one ``latest`` names, else the
+    newest; a damaged, incomplete or missing one is skipped with a one-line notice naming it
+    and why, falling back to the newest intact one), in this process alone and without
+    renaming anything. ConfigError (one line, every reason) when none is intact."""
+    return Checkpointer(path, None, 0, 1, None, log=log).choose(
+        path, strict=False, set_aside=False, required=True, flag=flag)
 
 
 def _crc_piece(path: Path, offset: int, length: int) -> str:
@@ -234,6 +273,8 @@ class Checkpointer:
 
     # -- collective helpers ----------------------------------------------------------------
     def _gather(self, obj) -> list:
+        if self.dist is None:                     # one process (the readers)
+            return [obj]
         out = [None] * self.world
         self.dist.all_gather_object(out, obj)
         return out
@@ -427,32 +468,59 @@ class Checkpointer:
         names, problems, manifest = self._gather((names, problems, manifest))[0]
         return problems + self._problems(folder, names, manifest) if names else problems
 
-    def choose(self, root, strict: bool) -> Optional[Path]:
-        """The newest intact checkpoint under ``root``. Damaged ones are reported, then set
-        aside as ``corrupt-<tag>`` (or, with ``strict``, the resume is refused)."""
-        set_aside = False
-        for folder in candidates(root):
-            problems = self.verify(folder)
-            if not problems:
-                if self.rank == 0 and not (folder / MANIFEST).is_file():
-                    self.log(f"warning: {folder} has no manifest (saved by an older version): "
-                             "its files are not verified")
-                if self.rank == 0 and set_aside and TAG_RE.match(folder.name):
-                    write_atomic(folder.parent / "latest", folder.name)   # for plain DeepSpeed
-                return folder
-            what = "; ".join(problems)
+    def choose(self, root, strict: bool, set_aside: bool = True, required: bool = False,
+               flag: str = "--resume") -> Optional[Path]:
+        """The newest intact checkpoint under ``root`` (``scan``'s order, each verified against
+        its manifest): the one rule of every reader (``open_checkpoint``) and of the resume. A
+        skipped one (damaged, incomplete, or named by ``latest`` but gone) is reported in one
+        line naming it, why and the step used instead; a damaged one is set aside as
+        ``corrupt-<tag>`` when ``set_aside`` (the resume; readers rename nothing). ``strict``:
+        refuse instead of falling back. ``required``: ConfigError when none is intact (else
+        None)."""
+        root = Path(root)
+        skipped: list[tuple[Path, str, str]] = []          # folder, why, what was done
+        for folder, why in scan(root):
+            if why is None:
+                problems = self.verify(folder)
+                if not problems:
+                    self._report(skipped, folder.name)
+                    if self.rank == 0 and not (folder / MANIFEST).is_file():
+                        self.log(f"warning: {folder} has no manifest (saved by an older "
+                                 "version): its files are not verified")
+                    if (self.rank == 0 and set_aside and skipped and TAG_RE.match(folder.name)
+                            and folder.parent == root and _latest_tag(root) != folder.name):
+                        write_atomic(root / "latest", folder.name)   # for plain DeepSpeed
+                    return folder
+                why = f"is damaged ({'; '.join(problems)})"
             if strict:
-                raise ConfigError(f"checkpoint {folder} is damaged: {what}; resume without "
-                                  "--strict-resume to fall back to the newest intact one")
-            if self.rank == 0:
+                raise ConfigError(f"checkpoint {folder} {why}; resume without --strict-resume "
+                                  "to fall back to the newest intact one")
+            done = ""
+            if set_aside and why.startswith("is damaged"):
                 aside = folder.with_name(f"corrupt-{folder.name}")
-                shutil.rmtree(aside, ignore_errors=True)
-                os.rename(folder, aside)
-                set_aside = True
-                self.log(f"warning: checkpoint {folder.name} is damaged ({what}); set aside as "
-                         f"{aside.name}, falling back to the previous one")
-            self.dist.barrier()
+                if self.rank == 0:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(folder, aside)
+                if self.dist is not None:
+                    self.dist.barrier()
+                done = f"set aside as {aside.name}, "
+            skipped.append((folder, why, done))
+        if required:
+            what = "; ".join(f"{f.name} {why}" for f, why, _ in skipped)
+            raise ConfigError(f"{flag} {root}: no intact checkpoint there"
+                              + (f" ({what})" if what else
+                                 " (no step folder, no 'latest': not a checkpoint folder of "
+                                 "launch/train.py)"))
+        self._report(skipped, None)
         return None
+
+    def _report(self, skipped, using: Optional[str]) -> None:
+        """One line per skipped checkpoint, naming the one used instead."""
+        if self.rank != 0:
+            return
+        for folder, why, done in skipped:
+            self.log(f"warning: checkpoint {folder.name} {why}; {done}falling back to "
+                     + (using or "none: no intact checkpoint is left"))
 
     def load(self, folder: Path, set_rng_state: Callable[[dict], None]) -> dict:
         """DeepSpeed loads a verified folder ``<root>/<tag>``; returns its client state."""
@@ -479,7 +547,7 @@ class Checkpointer:
 
         from launch.reshard import describe, load_universal, read_universal
         try:
-            state = read_universal(folder)
+            state = read_universal(folder, verified=True)
             done = load_universal(self.engine, state, names)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise TrainingError(f"could not convert checkpoint {folder} to this job's shape: "

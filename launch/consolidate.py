@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -23,19 +24,31 @@ import torch
 TRAIN_STATE = "train_state.json"
 
 
-def checkpoint_folder(path) -> Path:
-    """The step folder of ``path``: itself when it holds train_state.json, else the one its
-    ``latest`` file names."""
-    path = Path(path)
-    if (path / TRAIN_STATE).is_file():
-        return path
-    latest = path / "latest"
-    if latest.is_file():
-        folder = path / latest.read_text().strip()
-        if (folder / TRAIN_STATE).is_file():
-            return folder
-    raise FileNotFoundError(f"{path}: not a checkpoint of launch/train.py (no {TRAIN_STATE}, "
-                            f"no 'latest' naming a folder with one)")
+def notices(tool: str):
+    """Where a reader's checkpoint notices go: one line on stderr, ``[tool] warning: ...``."""
+    return lambda m: print(f"[{tool}] {m}", file=sys.stderr, flush=True)
+
+
+def run_reader(checkpoint, work):
+    """(0, work()) or, when it fails, (2, None) after one line ``error: ...`` on stderr: the
+    readers' (export, generate, evaluate) command-line errors, never a traceback for a
+    checkpoint that cannot be used (ConfigError: none of its steps is intact)."""
+    try:
+        return 0, work()
+    except (OSError, ValueError) as e:
+        message = str(e)
+    except RuntimeError as e:                   # torch / safetensors reading a file
+        message = f"{checkpoint}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2, None
+
+
+def checkpoint_folder(path, log=None, flag: str = "--checkpoint") -> Path:
+    """The step folder of ``path`` (a --save folder or one step folder), chosen and verified
+    exactly as ``train.py --resume`` does: launch.checkpoint.open_checkpoint, the one owner of
+    the checkpoint folder format (ConfigError, one line, when none is intact)."""
+    from launch.checkpoint import open_checkpoint
+    return open_checkpoint(path, log=log or notices("consolidate"), flag=flag)
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -120,18 +133,24 @@ def join(shards: list, param) -> torch.Tensor:
     return torch.cat([parts[r][j] for j in range(stride) for r in range(tp)], dim=dim)
 
 
-def load_consolidated(path):
-    """(GPT at TP = 1 holding the checkpoint's weights in fp32, its train_state dict). The
-    weights are launch/reshard.py's shape-free ones: the fp32 masters of any ZeRO stage, TP and
-    PP shape (bf16 runs lose nothing)."""
+def load_consolidated(path, log=None):
+    """(GPT at TP = 1 holding the checkpoint's weights in fp32, its train_state dict). ``path``:
+    a --save folder or a step folder, chosen and verified as a resume does
+    (``checkpoint_folder``). The weights are launch/reshard.py's shape-free ones: the fp32
+    masters of any ZeRO stage, TP and PP shape (bf16 runs lose nothing)."""
+    return load_folder(checkpoint_folder(path, log))
+
+
+def load_folder(folder):
+    """``load_consolidated`` of a step folder that ``checkpoint_folder`` chose (verified)."""
     from launch.reshard import read_universal
     from models.gpt import GPT
-    folder = checkpoint_folder(path)
+    folder = Path(folder)
     state = json.loads((folder / TRAIN_STATE).read_text())
     cfg = model_config(state)
     cfg.params_dtype = torch.float32
     model = GPT(cfg)
-    weights = read_universal(folder, optimizer=False).params
+    weights = read_universal(folder, optimizer=False, verified=True).params
     full = {}
     for name, p in model.named_parameters():
         t = weights[name]

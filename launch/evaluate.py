@@ -38,9 +38,9 @@ def evaluate(checkpoint, files, tokenizer=None, batch=8, max_windows=None) -> di
     from launch.generate import load_model
     from launch.tokenization import load_cached
     path = Path(checkpoint)
+    model = load_model(path, "evaluate").eval()     # the checkpoint's errors first
     tok_file = find_tokenizer(path, tokenizer)
     tok = load_cached(tok_file.parent, tok_file.name)
-    model = load_model(path).eval()
     seq = model.config.max_position_embeddings
     ids = token_stream(files, tok)
     if len(ids) < 2:
@@ -72,11 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N")
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
-    try:
-        r = evaluate(args.checkpoint, args.data, args.tokenizer, max_windows=args.max_windows)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from launch.consolidate import run_reader
+    code, r = run_reader(args.checkpoint, lambda: evaluate(
+        args.checkpoint, args.data, args.tokenizer, max_windows=args.max_windows))
+    if code:
+        return code
     print(f"[evaluate] loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} over "
           f"{r['tokens']:,} tokens ({r['windows']} windows)")
     if args.json:

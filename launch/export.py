@@ -18,6 +18,7 @@ so ``AutoTokenizer.from_pretrained(out)`` works offline too.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -65,32 +66,76 @@ def llama_state_dict(model) -> dict:
     return {k: t.detach().float().contiguous().clone() for k, t in sd.items()}
 
 
-def export(checkpoint, out, tokenizer=None) -> Path:
-    """Write the HF folder ``out`` from ``checkpoint``; returns ``out``."""
+# what an export writes (removed first from a folder exported into again with --overwrite, so
+# that no file of the previous export, e.g. another tokenizer, stays beside the new one)
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "eod_token.txt")
+
+
+def check_out(checkpoint, out, overwrite: bool = False) -> None:
+    """Refuse (ValueError, one line) an --out that would write into the checkpoint (the same
+    folder, or one inside it), or into a folder holding files, unless ``overwrite``."""
+    ckpt, dest = Path(checkpoint).resolve(), Path(out).resolve()
+    if dest == ckpt or ckpt in dest.parents:
+        where = "the checkpoint folder" if dest == ckpt else "inside the checkpoint folder"
+        raise ValueError(f"--out {out} is {where} {checkpoint}: export somewhere else "
+                         "(nothing was written)")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        held = sorted(p.name for p in dest.iterdir())
+        raise ValueError(f"--out {out} already holds {len(held)} file(s) ({', '.join(held[:4])}"
+                         f"{', ...' if len(held) > 4 else ''}); give --overwrite to replace an "
+                         "earlier export there, or another folder")
+
+
+def export(checkpoint, out, tokenizer=None, overwrite: bool = False, log=None) -> Path:
+    """Write the HF folder ``out`` from ``checkpoint`` (a --save folder or a step folder,
+    chosen and verified as ``train.py --resume`` does); returns ``out``. The files are written
+    into a temporary folder beside ``out`` and moved into it at the end: a failure leaves
+    ``out`` as it was."""
     from transformers import LlamaForCausalLM
 
-    from launch.consolidate import checkpoint_folder, find_tokenizer, load_consolidated
-    model, state = load_consolidated(checkpoint)
+    from launch.consolidate import checkpoint_folder, find_tokenizer, load_folder, notices
+    check_out(checkpoint, out, overwrite)
+    folder = checkpoint_folder(checkpoint, log or notices("export"))
+    check_out(folder.parent if (folder.parent / "latest").is_file() else folder, out, overwrite)
+    if tokenizer:                     # named by the user: it must exist (checked before writing)
+        tok = find_tokenizer(None, tokenizer)
+    else:
+        try:
+            tok = find_tokenizer(folder)
+        except FileNotFoundError:
+            tok = None                # weights only; say so
+            print("[export] no tokenizer found next to the checkpoint: weights only "
+                  "(give --tokenizer)")
+    model, state = load_folder(folder)
     hf = LlamaForCausalLM(llama_config(model.cfg))
     missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
     missing = [m for m in missing if "rotary" not in m]
     if missing or unexpected:
         raise RuntimeError(f"export mapping is incomplete: missing {missing}, unexpected "
                            f"{unexpected}")
-    if tokenizer:                     # named by the user: it must exist (checked before writing)
-        tok = find_tokenizer(None, tokenizer)
-    else:
-        try:
-            tok = find_tokenizer(checkpoint_folder(checkpoint))
-        except FileNotFoundError:
-            tok = None                # weights only; say so
-            print("[export] no tokenizer found next to the checkpoint: weights only "
-                  "(give --tokenizer)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
-    if tok is not None:
-        export_tokenizer(tok, out, model.cfg.seq_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        hf.save_pretrained(staging, safe_serialization=True)
+        if tok is not None:
+            export_tokenizer(tok, staging, model.cfg.seq_length)
+        if not out.exists():
+            os.rename(staging, out)
+        else:                          # --overwrite: the earlier export's files go first
+            for name in EXPORT_FILES:
+                (out / name).unlink(missing_ok=True)
+            for f in out.glob("model-*-of-*.safetensors"):
+                f.unlink()
+            for f in staging.iterdir():
+                os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -123,12 +168,14 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer file, or a folder holding tokenizer.model / "
                    "tokenizer.json, to copy beside the weights (default: the one in the "
                    "checkpoint's --save folder)")
+    p.add_argument("--overwrite", action="store_true", help="export into a folder that holds "
+                   "files (an earlier export's files are replaced, others kept)")
     args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from launch.consolidate import run_reader
+    code, out = run_reader(args.checkpoint, lambda: export(
+        args.checkpoint, args.out, args.tokenizer, args.overwrite))
+    if code:
+        return code
     print(f"[export] {out}: LlamaForCausalLM (safetensors + config.json)")
     return 0
 

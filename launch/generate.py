@@ -20,14 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-def load_model(path: Path):
-    """LlamaForCausalLM from an export folder, or converted from a checkpoint."""
+
+def load_model(path: Path, tool: str = "generate"):
+    """LlamaForCausalLM from an export folder, or converted from a checkpoint (a --save folder
+    or a step folder, chosen and verified as ``train.py --resume`` does; its notices go to
+    stderr as ``[tool] warning: ...``)."""
     from transformers import LlamaForCausalLM
+    path = Path(path)
     if (path / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(path, local_files_only=True)
-    from launch.consolidate import load_consolidated
+    from launch.consolidate import load_consolidated, notices
     from launch.export import llama_config, llama_state_dict
-    model, _ = load_consolidated(path)
+    model, _ = load_consolidated(path, notices(tool))
     hf = LlamaForCausalLM(llama_config(model.cfg))
     hf.load_state_dict(llama_state_dict(model), strict=False)
     return hf
@@ -40,9 +44,9 @@ def generate(path, prompt: str, max_new_tokens=50, temperature=1.0, top_k=0, top
     from launch.consolidate import find_tokenizer
     from launch.tokenization import load_cached
     path = Path(path)
+    model = load_model(path).eval()     # the checkpoint's errors first
     tok_file = find_tokenizer(path, tokenizer)
     tok = load_cached(tok_file.parent, tok_file.name)
-    model = load_model(path).eval()
     ids = tok.encode_batch([prompt])[0]
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
@@ -73,12 +77,12 @@ def main(argv=None) -> int:
         print("error: --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, "
               "--top-k >= 0", file=sys.stderr)
         return 2
-    try:
-        text = generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                        args.top_k, args.top_p, args.seed, args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from launch.consolidate import run_reader
+    code, text = run_reader(args.checkpoint, lambda: generate(
+        args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+        args.top_p, args.seed, args.tokenizer))
+    if code:
+        return code
     print(text)
     return 0
 

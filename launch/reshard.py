@@ -239,12 +239,14 @@ def ember_tables_by_row(engine, names, dist, vocab: int) -> dict:
     return _join_tables(gathered, vocab, names)
 
 
-def read_universal(folder, optimizer: bool = True) -> UniversalState:
-    """The shape-free state of the checkpoint folder ``folder`` (one step folder);
+def read_universal(folder, optimizer: bool = True, verified: bool = False) -> UniversalState:
+    """The shape-free state of the checkpoint ``folder`` (a step folder, or a --save folder:
+    its checkpoint), first chosen and verified as a resume does (launch.checkpoint's
+    open_checkpoint; ``verified``: the caller did, e.g. Checkpointer.choose);
     ``optimizer=False``: the weights only (launch/consolidate.py, export)."""
-    from launch.consolidate import join, model_config
+    from launch.consolidate import checkpoint_folder, join, model_config, notices
     from models.gpt import GPT
-    folder = Path(folder)
+    folder = Path(folder) if verified else checkpoint_folder(folder, notices("reshard"))
     ts = json.loads((folder / "train_state.json").read_text())
     shape = shape_of(ts)
     tp, pp, stage = shape["tp"], shape["pp"], shape["zero_stage"]

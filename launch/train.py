@@ -268,7 +268,8 @@ class Trainer:
             return None
         chooser = Checkpointer(self.resume_root, None, self.rank, self.world, self.dist,
                                log=lambda m: _log(m, self.rank))
-        folder = chooser.choose(self.resume_root, strict=self.args.strict_resume)
+        folder = chooser.choose(self.resume_root, strict=self.args.strict_resume,
+                                required=self.args.resume != "auto")
         if folder is None:
             if self.args.resume != "auto":
                 raise ConfigError(f"--resume {self.resume_root}: no intact checkpoint there")

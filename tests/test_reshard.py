@@ -181,7 +181,7 @@ def test_consolidated_weights_equal_the_module_files(sources, tmp_path):
         copy = tmp / shape
         shutil.copytree(folder, copy)
         (copy / "ember_tables.pt").unlink()
-        joined = read_universal(copy, optimizer=False).tables
+        joined = read_universal(copy, optimizer=False, verified=True).tables  # an older save
         assert set(state.tables) == set(joined) == {"embedding.weight", "lm_head.weight"}
         for name, st in state.tables.items():
             assert st["r"].shape == (256,) and st["step"] == SAVED and (st["r"] > 0).any()
