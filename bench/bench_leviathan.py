@@ -2,6 +2,7 @@
 
     python bench/bench_leviathan.py                      # tiny preset on CPU (60m too on CUDA)
     python bench/bench_leviathan.py --presets tiny 60m --steps 10 --out results.json
+    python bench/bench_leviathan.py --presets 60m --device cuda --bf16 --compile
 
 For each preset the GPT is built once with embedding="dense" (a VocabParallelEmbedding) and
 once per Leviathan variant, everything else identical. Default variants: "spec", the spec's
@@ -14,7 +15,9 @@ the input embedding's own forward + backward and the memory autograd keeps for i
 from a Zipf(1.1) distribution over the vocabulary by default (like text: many repeats, and the
 generator is evaluated once per distinct id), or uniformly (--tokens uniform, the worst case:
 almost every id distinct). The models are timed in alternation so that machine noise hits them
-alike.
+alike. ``--compile`` steps every model under torch.compile (the whole model; the first step,
+its compilation, is a warm-up step and reported as first_step_s; the embedding's own timing
+stays eager).
 
 Prints a table and writes JSON (default bench/results/leviathan_<device>.json).
 """
@@ -91,12 +94,13 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
     if device.type == "cuda" and args.bf16:
         overrides["params_dtype"] = torch.bfloat16
     batch = args.batch or (8 if device.type == "cpu" else 16)
-    models, opts = {}, {}
+    models, opts, stepped = {}, {}, {}
     for name, lev in [("dense", None)] + list(variants.items()):
         cfg = GPTConfig.from_preset(preset, embedding="dense" if lev is None else "leviathan",
                                     leviathan=dict(lev or {}), **overrides)
         model = GPT(cfg).to(device)
         models[name] = model
+        stepped[name] = torch.compile(model) if args.compile else model
         opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     cfg = models["dense"].cfg
     seq = cfg.seq_length
@@ -105,7 +109,7 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
     distinct = int(torch.unique(inputs).numel())
 
     def step(name):
-        model, opt = models[name], opts[name]
+        model, opt = stepped[name], opts[name]
         opt.zero_grad(set_to_none=True)
         loss = model(inputs, labels=labels).mean()
         loss.backward()
@@ -116,6 +120,7 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
 
     times = {name: [] for name in models}
     emb_times = {name: [] for name in models}
+    first = {}
     for i in range(args.warmup + args.steps):
         for name in models:            # alternate, so that machine noise hits all alike
             sync(device)
@@ -126,6 +131,8 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
             embed_only(name)
             sync(device)
             t2 = time.perf_counter()
+            if i == 0:
+                first[name] = t1 - t0
             if i >= args.warmup:
                 times[name].append(t1 - t0)
                 emb_times[name].append(t2 - t1)
@@ -145,15 +152,15 @@ def bench_preset(preset: str, args, device, variants: dict) -> dict:
                                                            **lev_kw),
             step_s=med[name], step_s_all=times[name], embed_fwd_bwd_s=emb_med[name],
             embed_fwd_bwd_s_all=emb_times[name], embed_saved_bytes=saved[name],
-            overhead=med[name] / med["dense"] - 1.0))
+            first_step_s=first[name], overhead=med[name] / med["dense"] - 1.0))
     return dict(
         preset=preset, vocab_size=cfg.vocab_size, padded_vocab=models["dense"].padded_vocab,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seq_length=seq, batch=batch,
         tokens=args.tokens, tokens_per_step=batch * seq, distinct_ids=distinct,
-        dtype=str(cfg.params_dtype).replace("torch.", ""),
+        dtype=str(cfg.params_dtype).replace("torch.", ""), compiled=bool(args.compile),
         table_params=cfg.vocab_size * cfg.hidden_size,
         dense_model_params=models["dense"].param_counts(),
-        dense=dict(step_s=med["dense"], step_s_all=times["dense"],
+        dense=dict(step_s=med["dense"], step_s_all=times["dense"], first_step_s=first["dense"],
                    embed_fwd_bwd_s=emb_med["dense"], embed_fwd_bwd_s_all=emb_times["dense"],
                    embed_saved_bytes=saved["dense"]),
         leviathan=rows)
@@ -173,8 +180,11 @@ def main(argv=None):
                          "default: the spec defaults ({}) and the preset's own generator")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--bf16", action="store_true", help="bf16 parameters on CUDA")
+    ap.add_argument("--compile", action="store_true", help="step the models under torch.compile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.compile:
+        args.warmup = max(args.warmup, 1)          # the compiling step is never timed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     presets = args.presets or (["tiny", "60m"] if device.type == "cuda" else ["tiny"])
@@ -183,7 +193,8 @@ def main(argv=None):
     results = [bench_preset(p, args, device, variants) for p in presets]
 
     print(f"\ndevice {device} ({_device_name(device)}), torch threads {torch.get_num_threads()}, "
-          f"tokens {args.tokens}, median of {args.steps} steps after {args.warmup} warm-up")
+          f"tokens {args.tokens}, median of {args.steps} steps after {args.warmup} warm-up"
+          + (", torch.compile" if args.compile else ""))
     head = (f"{'preset':7} {'embedding':34} {'tokens':>6} {'distinct':>8} {'params':>10} "
             f"{'step':>9} {'overhead':>9} {'emb fwd+bwd':>12} {'emb saved':>10}")
     print(head)
@@ -204,13 +215,14 @@ def main(argv=None):
                   f"{v['embed_fwd_bwd_s'] * 1e3:10.1f}ms "
                   f"{v['embed_saved_bytes'] / 2**20:7.1f}MiB")
 
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"leviathan_{device.type}.json"
+    out = Path(args.out) if args.out else \
+        ROOT / "bench" / "results" / f"leviathan_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         device=str(device), device_name=_device_name(device), threads=torch.get_num_threads(),
         torch=torch.__version__, python=platform.python_version(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"), steps=args.steps, warmup=args.warmup,
-        results=results), indent=1))
+        compiled=bool(args.compile), results=results), indent=1))
     print(f"wrote {out}")
     return results
 

@@ -3,6 +3,8 @@
     python bench/bench_peers.py                          # tiny and 60m shapes, CPU, fp32
     python bench/bench_peers.py --shapes tiny --rounds 10 --out r.json
     python bench/bench_peers.py --device cuda --dtype bf16
+    python bench/bench_peers.py --device cuda --shapes 1b --batch 4 --arms gpt_dense hf_llama \
+        --modes eager compile --peak-tflops 989      # eager and torch.compile, tokens/s, MFU
 
 For each shape (a preset of models/gpt.py: width, depth, heads, FFN, vocabulary, sequence) the
 same step (forward, mean token cross-entropy, backward, AdamW step, zero_grad) is timed for:
@@ -22,6 +24,13 @@ interleaved rounds (order rotated), and the ratios to gpt_dense are the median (
 of same-round ratios, so load from other processes hits all alike. Targets (issue 13): the
 project's dense GPT no slower than the faster peer; Leviathan within +10% of dense at 60m.
 ``--profile NAME`` prints the top operators of NAME's step (torch.profiler).
+
+``--modes eager compile`` adds each arm under torch.compile (the whole model; named
+``NAME_compiled``, the same weights, its own AdamW) to the same rounds; the first step of every
+arm (its compilation, for a compiled one) is reported as first_step_s. Each arm's tokens/s is
+batch x seq / its median step; its model FLOPs per token are 6 x parameters (both tables
+counted, as a matmul-equivalent) + 12 x layers x hidden x seq (attention scores and values),
+and ``--peak-tflops`` turns them into MFU.
 
 Writes JSON (default bench/results/peers_<device>.json).
 """
@@ -47,6 +56,13 @@ from bench_leviathan import sample_tokens  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ARMS = ("gpt_dense", "gpt_leviathan", "hf_llama", "megatron_gpt")
+MODES = ("eager", "compile")
+
+
+def flops_per_token(cfg, params: int) -> float:
+    """Model FLOPs per trained token (forward + backward): 6 per parameter and 12 * L * D * s
+    for attention's scores and weighted values (PaLM's count; causal masking not discounted)."""
+    return 6.0 * params + 12.0 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
 
 
 def sync(device):
@@ -73,14 +89,15 @@ def build_gpt(cfg, leviathan: bool, shape: str):
                                    leviathan=lev))
 
 
-def build_hf(cfg):
+def build_hf(cfg, device):
     from transformers import LlamaForCausalLM
 
     from launch.export import llama_config
     hcfg = llama_config(cfg)
     hcfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return LlamaForCausalLM(hcfg).to(cfg.params_dtype)
+    with torch.device(device):      # initialised where it runs (a 1B model: seconds on a GPU)
+        return LlamaForCausalLM(hcfg).to(cfg.params_dtype)
 
 
 def build_megatron(cfg, device):
@@ -151,11 +168,15 @@ def bench_shape(shape: str, batch, args, device, dtype) -> dict:
         elif name == "gpt_leviathan":
             m = build_gpt(cfg, True, shape)
         elif name == "hf_llama":
-            m = build_hf(cfg)
+            m = build_hf(cfg, device)
         else:
             m = build_megatron(cfg, device)
         models[name] = m.to(device).train()
-        steps[name] = make_step(name, models[name], inputs, labels)
+        if "eager" in args.modes:
+            steps[name] = make_step(name, models[name], inputs, labels)
+        if "compile" in args.modes:
+            steps[f"{name}_compiled"] = make_step(name, torch.compile(models[name]), inputs,
+                                                  labels)
     params = {n: n_params(m) for n, m in models.items()}
     dense_like = {n: c for n, c in params.items() if n != "gpt_leviathan"}
     equal = len(set(dense_like.values())) <= 1
@@ -168,7 +189,14 @@ def bench_shape(shape: str, batch, args, device, dtype) -> dict:
         raise SystemExit(f"parameter counts differ: {dense_like}")
 
     names = list(steps)
-    for _ in range(args.warmup):
+    first = {}
+    for n in names:                  # the first step (a compiled arm's compilation), timed
+        sync(device)
+        t0 = time.perf_counter()
+        steps[n]()
+        sync(device)
+        first[n] = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
         for n in names:
             steps[n]()
     sync(device)
@@ -181,23 +209,37 @@ def bench_shape(shape: str, batch, args, device, dtype) -> dict:
             steps[n]()
             sync(device)
             times[n].append(time.perf_counter() - t0)
-    res = dict(shape=shape, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+    res = dict(shape=shape, modes=list(args.modes), peak_tflops=args.peak_tflops,
+               hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                num_heads=cfg.num_heads, ffn_hidden_size=cfg.ffn_hidden_size,
                vocab_size=cfg.vocab_size, seq_length=cfg.seq_length, batch=batch,
                dtype=str(dtype).replace("torch.", ""), params=params, params_equal=equal,
                results={})
     base = "gpt_dense" if "gpt_dense" in times else names[0]
+    tokens = batch * cfg.seq_length
     for n in names:
         ratios = sorted(x / y for x, y in zip(times[n], times[base]))
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        res["results"][n] = dict(median_ms=1e3 * statistics.median(times[n]),
+        med = statistics.median(times[n])
+        fpt = flops_per_token(cfg, params[n.removesuffix("_compiled")])
+        res["results"][n] = dict(median_ms=1e3 * med,
                                  min_ms=1e3 * min(times[n]), all_ms=[1e3 * t for t in times[n]],
                                  ratio_to_dense=dict(median=statistics.median(ratios),
-                                                     q1=q[0], q3=q[2]))
+                                                     q1=q[0], q3=q[2]),
+                                 first_step_s=first[n], compiled=n.endswith("_compiled"),
+                                 tokens_per_s=tokens / med, flops_per_token=fpt,
+                                 tflops=tokens * fpt / med / 1e12,
+                                 mfu=(tokens * fpt / med / 1e12 / args.peak_tflops
+                                      if args.peak_tflops else None))
     r = res["results"]
     peers = [r[n]["ratio_to_dense"]["median"] for n in ("hf_llama", "megatron_gpt") if n in r]
+    compiled = [r[n]["median_ms"] / r["gpt_dense_compiled"]["median_ms"]
+                for n in ("hf_llama_compiled", "megatron_gpt_compiled")
+                if n in r and "gpt_dense_compiled" in r]
     res["targets"] = dict(
         dense_not_slower_than_faster_peer=None if not peers else min(peers) >= 1.0,
+        compiled_dense_not_slower_than_faster_compiled_peer=None if not compiled
+        else min(compiled) >= 1.0,
         leviathan_within_10pct=None if "gpt_leviathan" not in r or shape == "tiny"
         else r["gpt_leviathan"]["ratio_to_dense"]["median"] <= 1.10)
     if args.profile and args.profile in steps:
@@ -218,21 +260,28 @@ def profile_step(step, device, name: str, rows: int = 15) -> str:
     return table
 
 
+def _verdict(ok) -> str:
+    return "-" if ok is None else ("met" if ok else "MISSED")
+
+
 def print_table(rows) -> str:
-    head = (f"{'shape':>6} {'model':>14} {'params':>12} {'median ms':>10} {'min ms':>9} "
-            f"{'/ gpt_dense [q1, q3]':>22}")
+    head = (f"{'shape':>6} {'model':>23} {'params':>13} {'median ms':>10} {'min ms':>9} "
+            f"{'/ base [q1, q3]':>22} {'tokens/s':>10} {'MFU':>6} {'1st step s':>10}")
     lines = [head, "-" * len(head)]
     for res in rows:
         for n, r in res["results"].items():
             q = r["ratio_to_dense"]
-            lines.append(f"{res['shape']:>6} {n:>14} {res['params'][n]:>12,} "
+            mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            count = res["params"][n.removesuffix("_compiled")]
+            lines.append(f"{res['shape']:>6} {n:>23} {count:>13,} "
                          f"{r['median_ms']:10.1f} {r['min_ms']:9.1f} "
-                         f"{q['median']:>8.3f} [{q['q1']:.3f}, {q['q3']:.3f}]")
+                         f"{q['median']:>8.3f} [{q['q1']:.3f}, {q['q3']:.3f}] "
+                         f"{r['tokens_per_s']:10,.0f} {mfu:>6} {r['first_step_s']:10.1f}")
         t = res["targets"]
         lines.append(f"{'':>6} targets: dense <= faster peer: "
-                     f"{'-' if t['dense_not_slower_than_faster_peer'] is None else ('met' if t['dense_not_slower_than_faster_peer'] else 'MISSED')}"
-                     f"; Leviathan <= +10% (60m): "
-                     f"{'-' if t['leviathan_within_10pct'] is None else ('met' if t['leviathan_within_10pct'] else 'MISSED')}")
+                     f"{_verdict(t['dense_not_slower_than_faster_peer'])}; compiled: "
+                     f"{_verdict(t['compiled_dense_not_slower_than_faster_compiled_peer'])}"
+                     f"; Leviathan <= +10% (60m): {_verdict(t['leviathan_within_10pct'])}")
     text = "\n".join(lines)
     print(text)
     return text
@@ -242,6 +291,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["tiny", "60m"])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--modes", nargs="+", default=["eager"], choices=MODES,
+                    help="eager, and/or every arm under torch.compile (NAME_compiled)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak (e.g. 989 for an H100/H200 in bf16): MFU per arm")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="parameter dtype (default fp32 on CPU, bf16 on CUDA)")
@@ -256,6 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--allow-unequal", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    args.warmup = max(args.warmup, 1)       # the first step is always run (and timed) apart
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

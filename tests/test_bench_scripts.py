@@ -12,6 +12,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
+STEPS = ["triton_ember", "ember", "leviathan", "data_1b", "train_1b_eager_ember",
+         "train_1b_compile_ember", "peers_1b", "train_1b_eager_adamw", "train_1b_compile_adamw",
+         "leviathan_compiled", "triton_leviathan", "peers", "quickstart"]
 
 
 def _run(*args, timeout=300):
@@ -65,8 +68,7 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     result = json.loads(Path(str(base) + ".json").read_text())
     assert result["device"] == "cpu (dry run)" and result["date"] == date and result["dry_run"]
     steps = result["steps"]
-    assert list(steps) == ["triton_ember", "triton_leviathan", "ember", "leviathan", "peers",
-                           "quickstart"]
+    assert list(steps) == STEPS
     assert steps["ember"]["status"] == "ok"
     assert all(s["status"] == "not selected" for k, s in steps.items() if k != "ember")
     rows = result["figures"]["ember_vs_fused_adamw"]
@@ -78,6 +80,42 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     md = Path(str(base) + ".md").read_text()
     assert md.startswith(f"# GPU check: cpu (dry run), {date}")
     assert "| ember | ok |" in md and "Ember vs fused AdamW" in md
+
+
+def test_dry_run_train_and_compiled_steps(tmp_path):
+    """The issue-20 steps, tiny on CPU (compile turned off): launch/train.py eager (and with
+    --compile once train.py has it), HF eager and compiled, Leviathan compiled; their figures
+    and targets reach the JSON and the markdown."""
+    only = "data_1b,train_1b_eager_ember,train_1b_compile_adamw,peers_1b,leviathan_compiled"
+    proc = _run("--dry-run", "--only", only, "--out", str(tmp_path / "res"), "--logs",
+                str(tmp_path / "logs"))
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    result = json.loads((tmp_path / "res" / f"gpu_check_cpu_dry_run_{date}.json").read_text())
+    steps = result["steps"]
+    assert list(steps) == STEPS
+    has_compile = '"--compile"' in (ROOT / "launch" / "settings.py").read_text() + \
+        (ROOT / "launch" / "train.py").read_text()
+    compiled = steps.pop("train_1b_compile_adamw")["status"]
+    assert compiled == ("ok" if has_compile else "skipped: launch/train.py has no --compile")
+    assert proc.returncode == (0 if has_compile else 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    chosen = only.split(",")
+    assert all(s["status"] == "ok" for k, s in steps.items() if k in chosen), steps
+    assert all(s["status"] == "not selected" for k, s in steps.items() if k not in chosen)
+    train = result["figures"]["train_1b"]
+    assert set(train) == ({"train_1b_eager_ember", "train_1b_compile_adamw"} if has_compile
+                          else {"train_1b_eager_ember"})
+    eager = train["train_1b_eager_ember"]
+    assert eager["optimizer"] == "Ember" and not eager["compiled"] and eager["timed_steps"] == 2
+    assert eager["tokens_per_s"] > 0 and 0 < eager["mfu"] < 1 and eager["flops_per_token"] > 0
+    assert list(eager["targets"]) == [">= HF eager tokens/s"]
+    (hf,) = result["figures"]["peers_1b"]
+    assert set(hf["ms"]) == {"hf_llama", "hf_llama_compiled"}
+    assert all(v > 0 for v in hf["tokens_per_s"].values())
+    modes = {r["compiled"] for r in result["figures"]["leviathan_overhead"]}
+    assert modes == {True}
+    md = (tmp_path / "res" / f"gpu_check_cpu_dry_run_{date}.md").read_text()
+    assert "**launch/train.py, timed steps after 1 warm-up**" in md
+    assert "| train_1b_eager_ember | Ember | eager | 2 |" in md and "hf_llama_compiled" in md
 
 
 def test_missing_packages_are_named_with_the_fix(tmp_path):
