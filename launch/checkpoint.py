@@ -138,6 +138,16 @@ def find_checkpoint(root) -> Optional[tuple[str, Path]]:
     return (c[0].name, c[0]) if c else None
 
 
+def no_checkpoint(flag: str, root, skipped=None) -> str:
+    """The one-line error of a folder without an intact checkpoint: every step and why
+    (``skipped``: (folder, why) pairs; default: ``scan``'s unusable ones)."""
+    skipped = [(f, why) for f, why in scan(root) if why] if skipped is None else skipped
+    what = "; ".join(f"{f.name} {why}" for f, why in skipped)
+    return f"{flag} {root}: no intact checkpoint there" + (
+        f" ({what})" if what else
+        " (no step folder, no 'latest': not a checkpoint folder of launch/train.py)")
+
+
 def open_checkpoint(path, log: Callable[[str], None] = print,
                     flag: str = "--checkpoint") -> Path:
     """The step folder a reader of checkpoints uses (launch/export.py, generate.py,
@@ -506,11 +516,7 @@ class Checkpointer:
                 done = f"set aside as {aside.name}, "
             skipped.append((folder, why, done))
         if required:
-            what = "; ".join(f"{f.name} {why}" for f, why, _ in skipped)
-            raise ConfigError(f"{flag} {root}: no intact checkpoint there"
-                              + (f" ({what})" if what else
-                                 " (no step folder, no 'latest': not a checkpoint folder of "
-                                 "launch/train.py)"))
+            raise ConfigError(no_checkpoint(flag, root, [(f, why) for f, why, _ in skipped]))
         self._report(skipped, None)
         return None
 

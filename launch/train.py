@@ -42,7 +42,8 @@ warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")  # flush-denormal
 
 from launch.checkpoint import (Checkpointer, candidates, fault, find_checkpoint,  # noqa: E402,F401
-                               read_train_state, rng_state, set_rng_state, tag_of, write_atomic)
+                               no_checkpoint, read_train_state, rng_state, set_rng_state,
+                               tag_of, write_atomic)
 from launch.data import (DataError, DataSettings, DeterministicSampler, TokenWindows,  # noqa: E402,F401
                          eval_indices, prepare_data, resolve_inputs, settings_from_args)
 from launch.errors import ConfigError, NonFiniteError, report  # noqa: E402,F401
@@ -161,7 +162,7 @@ class Trainer:
                              run_record(args, self.plan, model_config(args), self.zero_stage),
                              found[0])
             elif args.resume != "auto":
-                raise ConfigError(f"--resume {self.resume_root}: no complete checkpoint there")
+                raise ConfigError(no_checkpoint("--resume", self.resume_root))
 
     # -- start-up ----------------------------------------------------------------------------
     def start_distributed(self) -> None:
